@@ -1,0 +1,225 @@
+"""The `edge` command: thin: parse, call the library, print a table or one JSON object.
+
+Every user-facing failure is an `EdgeError`; `main` turns it into `error: <one line>` on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge import __version__, checkpoint, rules
+from edge.errors import EdgeError
+
+app = typer.Typer(
+    help="On-device learning with layer-local self-supervised rules.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _parse_hparams(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise EdgeError(f"--hp expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def train(
+    rule: Annotated[str, typer.Option(help=f"Learning rule: {', '.join(rules.names())}.")] = "clapp++",
+    data: Annotated[str, typer.Option(help="digits | mnist | cifar10.")] = "digits",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    subset: Annotated[int | None, typer.Option(help="Use the first N training images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the rule's).")] = None,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD).")] = 0.0,
+    net: Annotated[str | None, typer.Option(help="vgg6 | digits | mnist | mlp.")] = None,
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    hp: Annotated[list[str], typer.Option(help="Rule hyper-parameter key=value (repeatable).")] = [],  # noqa: B006
+    probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
+    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
+    data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train an encoder with a learning rule, then linear-probe it."""
+    from edge.train import TrainConfig
+    from edge.train import train as run
+
+    cfg = TrainConfig(
+        rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
+        rule_hparams=_parse_hparams(hp), probe_layers=probe_layers,
+    )
+    out = out or Path("runs") / f"{rule}-{data}"
+    result = run(cfg, out, data_dir=data_dir, resume=resume, progress=not as_json)
+    if as_json:
+        _emit(result)
+        return
+    t = Table(title=f"{rule} on {data} ({epochs} epochs, {result['seconds']} s)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("probe accuracy", f"{result['probe_accuracy']:.4f}")
+    t.add_row("random-encoder probe", f"{result['random_probe_accuracy']:.4f}")
+    t.add_row("final loss", f"{result['final_loss']:.4f}")
+    for k, v in result["parameters"].items():
+        t.add_row(f"{k} parameters", f"{v:,}")
+    t.add_row("checkpoint", result["checkpoint"])
+    out_console.print(t)
+
+
+@app.command()
+def probe(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file or run directory.")],
+    layers: Annotated[str, typer.Option(help="all | last.")] = "all",
+    data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Linear-probe a trained checkpoint on its data set's test split."""
+    from edge.data import load
+    from edge.nets import NetSpec
+    from edge.probe import probe_accuracy
+
+    params, _, meta = checkpoint.load(ckpt)
+    net = NetSpec.from_dict(meta["net"])
+    from edge.nets import init_params
+    import torch
+
+    want = init_params(net, torch.Generator().manual_seed(0))
+    for k, v in want.items():
+        if k not in params or params[k].shape != v.shape:
+            raise EdgeError(f"{ckpt}: parameter {k} does not match network {net.name!r}")
+    cfg = meta["config"]
+    ds = load(cfg["data"], data_dir, cfg["subset"])
+    acc = probe_accuracy(net, params, ds, layers)
+    result = {"checkpoint": str(ckpt), "rule": cfg["rule"], "data": cfg["data"],
+              "epoch": meta["epoch"], "probe_layers": layers, "probe_accuracy": acc}
+    if as_json:
+        _emit(result)
+    else:
+        out_console.print(f"{cfg['rule']} on {cfg['data']} (epoch {meta['epoch']}): "
+                          f"probe accuracy {acc:.4f}")
+
+
+@app.command(name="rules")
+def list_rules(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the learning rules: what they are, whether local, what one update holds."""
+    rows = rules.describe()
+    if as_json:
+        _emit({"rules": rows})
+        return
+    t = Table(title="learning rules")
+    for col in ("name", "local", "description", "one layer's update holds"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], "yes" if r["local"] else "no (global)", r["description"], r["memory"])
+    out_console.print(t)
+
+
+@app.command()
+def demo(
+    epochs: Annotated[int, typer.Option(help="Epochs per rule.")] = 15,
+    out: Annotated[Path | None, typer.Option(help="Where the runs go (default: a temp dir).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """CLAPP++ and backprop InfoNCE on scikit-learn's digits, probed beside a random encoder."""
+    from edge.train import TrainConfig
+    from edge.train import train as run
+
+    base = out or Path(tempfile.mkdtemp(prefix="edge-demo-"))
+    results = {}
+    for rule in ("clapp++", "bp-infonce"):
+        cfg = TrainConfig(rule=rule, data="digits", epochs=epochs)
+        results[rule] = run(cfg, base / rule, progress=not as_json)
+    random_acc = results["clapp++"]["random_probe_accuracy"]
+    summary = {
+        "data": "digits",
+        "epochs": epochs,
+        "random_probe_accuracy": random_acc,
+        "runs": {k: {f: v[f] for f in ("probe_accuracy", "seconds", "checkpoint", "weights_digest")}
+                 for k, v in results.items()},
+    }
+    if as_json:
+        _emit(summary)
+        return
+    t = Table(title=f"edge demo: digits, {epochs} epochs, linear probe on all layers")
+    t.add_column("encoder")
+    t.add_column("local?")
+    t.add_column("probe accuracy", justify="right")
+    t.add_column("seconds", justify="right")
+    t.add_row("random (untrained)", "-", f"{random_acc:.4f}", "-")
+    for rule, r in results.items():
+        t.add_row(rule, "yes" if rule == "clapp++" else "no", f"{r['probe_accuracy']:.4f}",
+                  f"{r['seconds']:.1f}")
+    out_console.print(t)
+    out_console.print(f"runs in {base}")
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps that live in edge.commands (one module per command family)."""
+    try:
+        from edge.commands.targets import app as targets_app
+
+        app.add_typer(targets_app, name="targets", help="Device targets: list | show.")
+    except ImportError:
+        pass
+    try:
+        from edge.commands.simulate import simulate_cmd
+
+        app.command(name="simulate")(simulate_cmd)
+    except ImportError:
+        pass
+
+
+_mount_subcommands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="edge")
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

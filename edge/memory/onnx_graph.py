@@ -1,0 +1,360 @@
+"""ONNX graph -> `Schedule`: sizes from shape inference, order from the node list.
+
+Steps:
+
+1. Load (a ModelProto, bytes or a path; external weight data is not read: only dims matter) and
+   run the ONNX checker, so a corrupt file becomes one `EdgeError` line.
+2. Resolve dynamic dims before inference: a `dim_param` named in `dims` takes that value; a
+   bare `batch_size` fills the batch-like dims (`batch*`, `N`, `bs`, `unk__*`, unnamed) of the
+   first data input and any `*batch*` dim of the other inputs. Then
+   `onnx.shape_inference.infer_shapes(strict_mode=True, data_prop=True)`; if strict inference
+   fails we retry non-strict and keep a note. A tensor whose shape is still unknown -> an
+   `EdgeError` naming the tensor and the `dims` entry that would fix it.
+3. Execution order is the node order (ONNX requires it to be topological; we check it).
+4. Categories: initializers are parameters (optimizer state when listed in `state_names`); graph
+   inputs are parameters / optimizer state when listed in the manifest (`param_names`,
+   `state_names`, or as a binding target), otherwise - only when no manifest is given - when
+   their names look like it (`weight`, `bias`, `W1`, `exp_avg`, `momentum` ...); the rest are
+   inputs. Node outputs bound by `bindings` (new-parameter output -> parameter input) are update
+   buffers, other graph outputs are outputs, everything else is an activation.
+5. If / Loop / Scan bodies are counted conservatively: the node reads every outer value its body
+   uses, and a scratch tensor the size of everything the body writes lives during that step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import onnx
+from onnx import AttributeProto, GraphProto, ModelProto, TypeProto
+
+from edge.errors import EdgeError
+from edge.memory.schedule import Op, Schedule, TensorInfo
+
+_STATE_RE = re.compile(r"(momentum|velocity|exp_avg|moment|adam|optim|(^|[._/])(m|v)\d*$)", re.I)
+_PARAM_RE = re.compile(r"(weight|bias|kernel|gamma|beta|running_|param|(^|[._/])(w|b)\d*$)", re.I)
+_BATCH_FIRST_RE = re.compile(r"^(n|b|bs|batch.*|.*_batch(_size)?|unk__\d+)$", re.I)
+_BATCH_ANY_RE = re.compile(r"batch", re.I)
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _one_line(text: object, limit: int = 240) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How to read a graph: dim values, and the exporter's manifest (names and bindings)."""
+
+    dims: Mapping[str, int] = field(default_factory=dict)
+    batch_size: int | None = None
+    param_names: frozenset[str] = frozenset()
+    state_names: frozenset[str] = frozenset()
+    bindings: Mapping[str, str] = field(default_factory=dict)
+    alias_views: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
+        object.__setattr__(self, "bindings", MappingProxyType(dict(self.bindings)))
+        object.__setattr__(self, "param_names", frozenset(self.param_names))
+        object.__setattr__(self, "state_names", frozenset(self.state_names))
+        for k, v in self.dims.items():
+            if not isinstance(v, int) or v < 1:
+                raise EdgeError(f"dim {k!r} must be a positive integer, got {v!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or
+                                            self.batch_size < 1):
+            raise EdgeError(f"batch size must be a positive integer, got {self.batch_size!r}")
+
+    @property
+    def has_manifest(self) -> bool:
+        return bool(self.param_names or self.state_names or self.bindings)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, object] | None, **kw: object) -> GraphOptions:
+        """Read `{"bindings": {out: in}, "param_names": [...], "state_names": [...]}`."""
+        m = dict(manifest or {})
+        unknown = set(m) - {"bindings", "param_names", "state_names"}
+        if unknown:
+            raise EdgeError(f"manifest has unknown keys {sorted(unknown)}; expected bindings, "
+                            "param_names, state_names")
+        bindings = m.get("bindings") or {}
+        if not isinstance(bindings, Mapping):
+            raise EdgeError("manifest 'bindings' must map new-parameter output -> parameter input")
+        return cls(param_names=frozenset(m.get("param_names") or ()),  # type: ignore[arg-type]
+                   state_names=frozenset(m.get("state_names") or ()),  # type: ignore[arg-type]
+                   bindings={str(k): str(v) for k, v in bindings.items()}, **kw)  # type: ignore[arg-type]
+
+
+def load_model(model: ModelProto | str | Path | bytes) -> ModelProto:
+    """Load and check a model; any failure is a one-line EdgeError."""
+    where = "model"
+    try:
+        if isinstance(model, ModelProto):
+            proto = model
+        elif isinstance(model, bytes):
+            proto = onnx.load_from_string(model)
+        else:
+            where = str(model)
+            if not Path(model).is_file():
+                raise EdgeError(f"ONNX model not found: {model}")
+            proto = onnx.load(str(model), load_external_data=False)
+        if not proto.graph.node and not proto.graph.output:
+            raise EdgeError(f"{where} is not an ONNX model (no nodes, no outputs)")
+        onnx.checker.check_model(proto)
+    except EdgeError:
+        raise
+    except Exception as exc:  # protobuf DecodeError, ValidationError, OSError ...
+        raise EdgeError(f"cannot read ONNX {where}: {_one_line(exc)}") from None
+    return proto
+
+
+def _elem_bits(elem_type: int, tensor: str) -> tuple[str, int]:
+    name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "UNDEFINED"
+    if name in ("UNDEFINED", "STRING"):
+        raise EdgeError(f"tensor {tensor!r} has element type {name}; cannot size it")
+    for prefix, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4", 4), ("INT2", 2), ("UINT2", 2)):
+        if name.startswith(prefix):
+            return name.lower(), bits
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    return np_dtype.name, 8 * np_dtype.itemsize
+
+
+def _nbytes(shape: Iterable[int], bits: int) -> int:
+    return -(-math.prod(shape) * bits // 8)
+
+
+def input_category(name: str, opts: GraphOptions, initializer: bool = False) -> str:
+    """Category of a graph input or initializer (rule 4 of the module docstring)."""
+    if name in opts.state_names:
+        return "optimizer_state"
+    if initializer or name in opts.param_names or name in opts.bindings.values():
+        return "parameter"
+    if not opts.has_manifest and _STATE_RE.search(name):
+        return "optimizer_state"
+    if not opts.has_manifest and _PARAM_RE.search(name):
+        return "parameter"
+    return "input"
+
+
+def _resolve_inputs(model: ModelProto, opts: GraphOptions, inits: set[str]) -> dict[str, int]:
+    """Write concrete dims into the graph inputs; return every dim name -> value used."""
+    resolved = dict(opts.dims)
+    data_inputs = [i for i in model.graph.input
+                   if i.name not in inits and input_category(i.name, opts) == "input"]
+    filled = False
+    for idx, vi in enumerate(data_inputs):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                continue
+            p = d.dim_param
+            if p in resolved:
+                d.dim_value = resolved[p]
+            elif opts.batch_size is not None and (
+                (idx == 0 and (not p or _BATCH_FIRST_RE.match(p)))
+                or bool(p and _BATCH_ANY_RE.search(p))
+            ):
+                if p:
+                    resolved[p] = opts.batch_size
+                d.dim_value = opts.batch_size
+                filled = True
+    if opts.batch_size is not None and not filled and data_inputs:
+        first = data_inputs[0]
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                for d in first.type.tensor_type.shape.dim]
+        if not dims or dims[0] != opts.batch_size:
+            raise EdgeError(f"batch size {opts.batch_size}: input {first.name!r} has no dynamic "
+                            f"batch dim (shape {dims}); export it with a dynamic axis or drop it")
+    for vi in list(model.graph.output) + list(model.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in resolved:
+                d.dim_value = resolved[d.dim_param]
+    return resolved
+
+
+def _infer(model: ModelProto, notes: list[str]) -> ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        notes.append(f"strict shape inference failed ({_one_line(exc, 120)}); used non-strict")
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise EdgeError(f"ONNX shape inference failed: {_one_line(exc)}") from None
+
+
+class _Sizer:
+    """Turns value types into (shape, dtype, nbytes), resolving named dims or failing helpfully."""
+
+    def __init__(self, resolved: Mapping[str, int]):
+        self.resolved = resolved
+
+    def __call__(self, name: str, tp: TypeProto | None, writer: str) -> TensorInfo | None:
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            return None
+        dtype, bits = _elem_bits(tp.tensor_type.elem_type, name)
+        shape: list[int] = []
+        for axis, d in enumerate(tp.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif d.dim_param in self.resolved:
+                shape.append(self.resolved[d.dim_param])
+            else:
+                key = d.dim_param or f"<unnamed axis {axis}>"
+                fix = (f"pass dims={{{d.dim_param!r}: N}}" if d.dim_param
+                       else "pass the batch size or export with static shapes")
+                if d.dim_param and _BATCH_FIRST_RE.match(d.dim_param):
+                    fix += " or the batch size (--batch N)"
+                raise EdgeError(f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; "
+                                f"{fix}")
+        return TensorInfo(name, _nbytes(shape, bits), "activation", tuple(shape), dtype)
+
+
+def _graph_types(g: GraphProto) -> dict[str, TypeProto]:
+    types = {vi.name: vi.type for vi in list(g.input) + list(g.output) + list(g.value_info)}
+    for t in g.initializer:
+        tp = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        types[t.name] = tp
+    return types
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[GraphProto]:
+    out: list[GraphProto] = []
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _body_cost(g: GraphProto, size: _Sizer) -> tuple[int, set[str]]:
+    """(bytes written inside the body, recursively; outer names the body reads)."""
+    types = _graph_types(g)
+    local = {i.name for i in g.input} | {t.name for t in g.initializer}
+    written, outer = 0, set()
+    for node in g.node:
+        for name in node.input:
+            if name and name not in local:
+                outer.add(name)
+        for sub in _subgraphs(node):
+            cost, refs = _body_cost(sub, size)
+            written += cost
+            outer |= refs - local
+        for name in node.output:
+            if not name:
+                continue
+            local.add(name)
+            info = size(name, types.get(name), f"inside the body of {node.op_type} {node.name!r}")
+            if info is None:
+                raise EdgeError(f"cannot size tensor {name!r} inside a {node.op_type} body; the "
+                                "simulator needs static shapes for If/Loop/Scan bodies")
+            written += info.nbytes
+    return written, outer
+
+
+def schedule_from_onnx(
+    model: ModelProto | str | Path | bytes, options: GraphOptions | None = None
+) -> Schedule:
+    """Lower an ONNX model to a `Schedule` (see the module docstring for every rule)."""
+    opts = options or GraphOptions()
+    model_copy = ModelProto()
+    model_copy.CopyFrom(load_model(model))
+    g = model_copy.graph
+    inits = {t.name for t in g.initializer}
+    resolved = _resolve_inputs(model_copy, opts, inits)
+    notes: list[str] = []
+    g = _infer(model_copy, notes).graph
+    types = _graph_types(g)
+    size = _Sizer(resolved)
+
+    input_names = [i.name for i in g.input if i.name not in inits]
+    output_names = [o.name for o in g.output]
+    known = set(input_names) | inits
+    for n in opts.param_names | opts.state_names:
+        if n not in known:
+            raise EdgeError(f"manifest names {n!r}, which is not a graph input or initializer")
+    for new, old in opts.bindings.items():
+        if new not in output_names:
+            raise EdgeError(f"manifest binding {new!r} -> {old!r}: {new!r} is not a graph output")
+        if old not in known:
+            raise EdgeError(f"manifest binding {new!r} -> {old!r}: {old!r} is not a graph input")
+
+    tensors: dict[str, TensorInfo] = {}
+    for name in sorted(inits) + input_names:
+        if name in tensors:
+            continue
+        info = size(name, types.get(name), "graph input")
+        if info is None:
+            raise EdgeError(f"graph input {name!r} has no tensor shape; pass static shapes")
+        tensors[name] = replace(info, category=input_category(name, opts, name in inits))
+
+    ops: list[Op] = []
+    view_of: dict[str, str] = {}
+    produced_later = {o for node in g.node for o in node.output if o}
+    defined = set(tensors)
+    unsized: list[str] = []
+    readers = {i for node in g.node for i in node.input} | set(output_names)
+    for step, node in enumerate(g.node):
+        op_type = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            op_type = f"{node.domain}.{node.op_type}"
+        op_name = node.name or f"{node.op_type}_{step}"
+        ins: list[str] = []
+        refs = [i for i in node.input if i]
+        scratch = 0
+        for sub in _subgraphs(node):
+            cost, outer = _body_cost(sub, size)
+            scratch += cost
+            refs += sorted(outer & (defined | produced_later))
+        for name in refs:
+            if name not in defined:
+                where = ("a later node" if name in produced_later
+                         else "no node, input or initializer")
+                raise EdgeError(f"node {op_name!r} reads {name!r}, which {where} defines; ONNX "
+                                "graphs must list nodes in topological order")
+            base = view_of.get(name, name)
+            if base not in ins:
+                ins.append(base)
+        outs: list[str] = []
+        for name in node.output:
+            if not name:
+                continue
+            if name in defined:
+                raise EdgeError(f"tensor {name!r} is written twice (node {op_name!r})")
+            defined.add(name)
+            if (opts.alias_views and node.op_type in VIEW_OPS and ins and
+                    name not in output_names and not tensors[ins[0]].persistent):
+                view_of[name] = ins[0]
+                continue
+            info = size(name, types.get(name), f"output of {op_type} {op_name!r}")
+            if info is None:
+                if name in readers:
+                    raise EdgeError(f"ONNX shape inference could not find the shape of {name!r} "
+                                    f"(output of {op_type} {op_name!r}); export with static shapes")
+                unsized.append(name)
+                continue
+            cat = ("update_buffer" if name in opts.bindings
+                   else "output" if name in output_names else "activation")
+            tensors[name] = replace(info, category=cat)
+            outs.append(name)
+        if scratch:
+            tmp = f"{op_name}/body_scratch"
+            tensors[tmp] = TensorInfo(tmp, scratch, "activation", (scratch,), "uint8")
+            outs.append(tmp)
+            notes.append(f"{op_type} {op_name!r}: body counted as {scratch} bytes of scratch")
+        ops.append(Op(op_name, op_type, tuple(ins), tuple(outs)))
+    if unsized:
+        notes.append(f"{len(unsized)} unread outputs of unknown shape not counted: {unsized[:3]}")
+    if model_copy.functions:
+        notes.append("model-local functions are sized by their outputs only")
+    outputs = tuple(dict.fromkeys(view_of.get(o, o) for o in output_names))
+    return Schedule(tuple(ops), tensors, dict(opts.bindings), outputs,
+                    name=g.name or "onnx", notes=tuple(notes))

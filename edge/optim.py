@@ -1,0 +1,61 @@
+"""Optimizers as pure functions: (param, grad, state) -> (param', state').
+
+No `torch.optim`: a local rule updates one layer at a time from gradients it computed in
+closed form, and the exporter traces the same arithmetic into ONNX. State tensors are named
+`"{kind}.{param}"` (`m.` momentum / first moment, `v.` second moment) plus one step counter
+`"step"`, so a checkpoint or a graph input list is just a flat dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from edge.errors import EdgeError
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise EdgeError(f"unknown optimizer {self.name!r}; valid: {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise EdgeError(f"learning rate must be positive, got {self.lr}")
+
+    def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.float32)}
+        for k, p in params.items():
+            state[f"m.{k}"] = torch.zeros_like(p)
+            if self.name == "adamw":
+                state[f"v.{k}"] = torch.zeros_like(p)
+        return state
+
+    def update(
+        self, name: str, p: Tensor, g: Tensor, state: dict[str, Tensor], step: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One update of parameter `name`; `step` is the 1-based step count (a tensor)."""
+        m = state[f"m.{name}"]
+        if self.name == "sgd":
+            g = g + self.weight_decay * p
+            m = self.momentum * m + g
+            return p - self.lr * m, {f"m.{name}": m}
+        b1, b2 = self.betas
+        v = state[f"v.{name}"]
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**step)
+        v_hat = v / (1 - b2**step)
+        p = p * (1 - self.lr * self.weight_decay)
+        p = p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return p, {f"m.{name}": m, f"v.{name}": v}

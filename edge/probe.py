@@ -1,0 +1,85 @@
+"""Linear probe: how linearly separable are the encoder's features?
+
+Features (as in the paper): every layer's output, average-pooled to at most `pool` x `pool`
+cells, flattened and concatenated (`layers="all"`), or the last layer only (`layers="last"`,
+which separates methods more). They are standardised with the training split's statistics,
+then a multinomial logistic regression is fit by full-batch L-BFGS (deterministic) and
+scored on the test split. The same probe on a randomly initialised encoder is the floor any
+rule must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from edge.data import Dataset, to_float
+from edge.errors import EdgeError
+from edge.nets import NetSpec, encode
+
+LAYER_CHOICES = ("all", "last")
+
+
+def extract(
+    net: NetSpec,
+    params: dict[str, Tensor],
+    x: Tensor,
+    ds: Dataset,
+    layers: str = "all",
+    pool: int = 2,
+    batch_size: int = 500,
+) -> Tensor:
+    if layers not in LAYER_CHOICES:
+        raise EdgeError(f"unknown probe layers {layers!r}; valid: {', '.join(LAYER_CHOICES)}")
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        outs = encode(net, params, to_float(x[start : start + batch_size], ds))
+        if layers == "last":
+            outs = outs[-1:]
+        feats = []
+        for y in outs:
+            if y.dim() == 4 and (y.shape[2] > pool or y.shape[3] > pool):
+                y = F.adaptive_avg_pool2d(y, pool)
+            feats.append(y.flatten(1))
+        chunks.append(torch.cat(feats, 1))
+    return torch.cat(chunks)
+
+
+def fit_linear(
+    f_train: Tensor,
+    y_train: Tensor,
+    f_test: Tensor,
+    y_test: Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+    max_iter: int = 150,
+) -> float:
+    """Test accuracy of a softmax regression fit on standardised training features."""
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    a, b = (f_train - mu) / sd, (f_test - mu) / sd
+    w = torch.zeros(a.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ w + bias, y_train) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = (b @ w + bias).argmax(1)
+    return float((pred == y_test).float().mean())
+
+
+def probe_accuracy(
+    net: NetSpec, params: dict[str, Tensor], ds: Dataset, layers: str = "all", pool: int = 2
+) -> float:
+    f_tr = extract(net, params, ds.x_train, ds, layers, pool)
+    f_te = extract(net, params, ds.x_test, ds, layers, pool)
+    return fit_linear(f_tr, ds.y_train, f_te, ds.y_test, ds.num_classes)

@@ -1,0 +1,40 @@
+"""The rule registry: `get(name, **hparams)` and `describe()` for `edge rules`.
+
+Local rules live one per file in this package; global backprop baselines in
+`edge.baselines`. Classes are imported lazily so the baselines may import rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.errors import EdgeError
+
+
+def _classes() -> dict[str, type]:
+    from edge.baselines.bp_clapp import BPClappPP
+    from edge.baselines.bp_infonce import BPInfoNCE
+    from edge.rules.clapp_pp import ClappPP
+
+    return {c.name: c for c in (ClappPP, BPInfoNCE, BPClappPP)}
+
+
+def names() -> list[str]:
+    return list(_classes())
+
+
+def get(name: str, **hparams: Any):
+    classes = _classes()
+    if name not in classes:
+        raise EdgeError(f"unknown rule {name!r}; valid: {', '.join(classes)}")
+    try:
+        return classes[name](**hparams)
+    except TypeError as e:
+        raise EdgeError(f"bad hyper-parameters for rule {name!r}: {e}") from None
+
+
+def describe() -> list[dict[str, Any]]:
+    return [
+        {"name": c.name, "description": c.description, "local": c.is_local, "memory": c.memory}
+        for c in _classes().values()
+    ]
