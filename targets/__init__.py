@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -88,12 +88,15 @@ def parse_size(value: object, field_name: str = "size") -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         got = type(value).__name__
         raise _Invalid(field_name, f"must be an int of bytes or a string like '320 KiB', got {got}")
-    number, unit = Fraction(value) if isinstance(value, int) else 0, "B"
-    if isinstance(value, str):
+    if isinstance(value, int):
+        number, unit = Fraction(value), "B"
+    else:
         match = _QUANTITY_RE.match(value)
         if not match:
             raise _Invalid(field_name, f"cannot read {value!r}: expected e.g. '320 KiB'")
         number, unit = Fraction(match.group(1)), match.group(2)
+        if not unit:
+            raise _Invalid(field_name, f"{value!r} has no unit (B, KB, KiB, MB, MiB, GB, GiB, ...)")
         if unit not in SIZE_UNITS:
             raise _Invalid(field_name, _known(unit, tuple(SIZE_UNITS), f"unit in {value!r}:"))
     n_bytes = number * SIZE_UNITS[unit]
@@ -170,15 +173,7 @@ class MemoryTier:
             raise _Invalid("bandwidth_bytes_per_s", f"must be a number > 0, got {bandwidth!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "bytes": self.bytes,
-            "size": format_size(self.bytes),
-            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-            "source": self.source,
-            "notes": self.notes,
-        }
+        return {**asdict(self), "size": format_size(self.bytes)}
 
 
 @dataclass(frozen=True)
@@ -247,16 +242,10 @@ class Target:
                 "dtype": self.compute_dtype,
                 "source": self.compute_source,
             }
+        scalars = ("name", "description", "runtime", "cpu", "triple", "notes", "source", "origin")
         return {
-            "name": self.name,
-            "description": self.description,
+            **{key: getattr(self, key) for key in scalars},
             "dtypes": list(self.dtypes),
-            "runtime": self.runtime,
-            "cpu": self.cpu,
-            "triple": self.triple,
-            "notes": self.notes,
-            "source": self.source,
-            "origin": self.origin,
             "compute": compute,
             "tiers": [t.to_dict() for t in self.tiers],
         }
@@ -264,25 +253,12 @@ class Target:
 
 # ---------------------------------------------------------------------------- loader
 
-_TOP_KEYS = (
-    "name",
-    "description",
-    "source",
-    "dtypes",
-    "runtime",
-    "cpu",
-    "triple",
-    "notes",
-    "compute",
-    "tiers",
-)
+_TOP_KEYS = tuple("name description source dtypes runtime cpu triple notes compute tiers".split())
 _COMPUTE_KEYS = ("ops_per_s", "dtype", "source")
 _TIER_KEYS = ("name", "kind", "size", "bandwidth", "source", "notes")
 # dataclass attribute -> the key a file spells it with
 _FILE_FIELD = {"bytes": "size", "bandwidth_bytes_per_s": "bandwidth"}
 _FILE_FIELD |= {"compute_ops_per_s": "compute.ops_per_s", "compute_dtype": "compute.dtype"}
-
-
 _TYPE_NAMES = {str: "a string", list: "an array", dict: "a table", int: "an int", float: "a float"}
 
 
@@ -371,7 +347,7 @@ def _parse(data: dict[str, Any], origin: str) -> Target:
 
 def load_file(path: str | Path) -> Target:
     """Load and validate one target file; any problem is an EdgeError naming file and field."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -414,21 +390,3 @@ def load(name_or_path: str | Path) -> Target:
 def catalog() -> list[Target]:
     """Every catalog target, sorted by name."""
     return [load(name) for name in names()]
-
-
-__all__ = [
-    "DEVICES_DIR",
-    "DTYPES",
-    "SIZE_UNITS",
-    "TIER_KINDS",
-    "MemoryTier",
-    "Target",
-    "catalog",
-    "format_rate",
-    "format_size",
-    "load",
-    "load_file",
-    "names",
-    "parse_bandwidth",
-    "parse_size",
-]

@@ -55,19 +55,21 @@ def list_targets(json_out: bool = typer.Option(False, "--json", help=JSON_HELP))
         _print_json({"targets": [t.to_dict() for t in targets]})
         return
     table = Table(title="edge targets (details and sources: edge targets show NAME)")
-    for column in ("name", "SRAM", "flash / DRAM", "dtypes", "runtime"):
+    for column in ("name", "SRAM", "flash / DRAM", "dtypes"):
         table.add_column(column, overflow="fold")
+    table.add_column("runtime", overflow="fold", ratio=1)
     for t in targets:
         off_chip = " / ".join(_sizes(t, kind) for kind in ("flash", "dram"))
-        table.add_row(t.name, _sizes(t, "sram"), off_chip, " ".join(t.dtypes),
-                      Text(t.runtime or "-"))
+        runtime = (t.runtime or "-").split(";")[0]  # the first clause; `show` has the rest
+        table.add_row(t.name, _sizes(t, "sram"), off_chip, " ".join(t.dtypes), Text(runtime))
     Console().print(table)
 
 
 @app.command()
 def show(
-    name_or_file: str = typer.Argument(..., metavar="NAME_OR_FILE",
-                                       help="A catalog name or a path to a .toml file."),
+    name_or_file: str = typer.Argument(
+        ..., metavar="NAME_OR_FILE", help="A catalog name or a path to a .toml file."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show every field of one target, with the source of each figure."""
@@ -79,15 +81,19 @@ def show(
         _print_json(target.to_dict())
         return
     console = Console()
-    console.print(f"[bold]{escape(target.name)}[/bold]: {escape(target.description)}",
-                  highlight=False)
+    console.print(
+        f"[bold]{escape(target.name)}[/bold]: {escape(target.description)}", highlight=False
+    )
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
     fields.add_column(overflow="fold")
     fields.add_row("file", Text(target.origin))
     fields.add_row("dtypes", " ".join(target.dtypes))
-    for label, value in (("runtime", target.runtime), ("cpu", target.cpu),
-                         ("triple", target.triple)):
+    for label, value in (
+        ("runtime", target.runtime),
+        ("cpu", target.cpu),
+        ("triple", target.triple),
+    ):
         if value:
             fields.add_row(label, Text(value))
     if target.compute_ops_per_s is not None:
@@ -103,6 +109,7 @@ def show(
         tiers.add_column(column, overflow="fold")
     for t in target.tiers:
         source = escape(t.source) + (f"\n[dim]{escape(t.notes)}[/dim]" if t.notes else "")
-        tiers.add_row(Text(t.name), t.kind, format_size(t.bytes), _bandwidth(t.bandwidth_bytes_per_s),
-                      source)
+        tiers.add_row(
+            Text(t.name), t.kind, format_size(t.bytes), _bandwidth(t.bandwidth_bytes_per_s), source
+        )
     console.print(tiers, highlight=False)
