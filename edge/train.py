@@ -68,7 +68,9 @@ class TrainConfig:
 
     def same_run(self, other: TrainConfig) -> bool:
         """Everything but the epoch count must match for a resume to continue the same run."""
-        return dataclasses.replace(self, epochs=0) == dataclasses.replace(other, epochs=0)
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("epochs"), theirs.pop("epochs")
+        return mine == theirs
 
 
 def build(cfg: TrainConfig, in_shape: tuple[int, ...]):
@@ -106,7 +108,7 @@ def train(
     start, history = 0, []
     if resume and ckpt_path.exists():
         params, state, meta = checkpoint.load(ckpt_path)
-        old = TrainConfig(**{**meta["config"], "rule_hparams": meta["config"]["rule_hparams"]})
+        old = TrainConfig(**meta["config"])
         if not cfg.same_run(old):
             raise EdgeError(f"{ckpt_path} belongs to another run ({old}); use another --out")
         start, history = meta["epoch"], meta["history"]

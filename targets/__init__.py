@@ -98,7 +98,8 @@ def parse_size(value: object, field_name: str = "size") -> int:
         if not unit:
             raise _Invalid(field_name, f"{value!r} has no unit (B, KB, KiB, MB, MiB, GB, GiB, ...)")
         if unit not in SIZE_UNITS:
-            raise _Invalid(field_name, _known(unit, tuple(SIZE_UNITS), f"unit in {value!r}:"))
+            known = ", ".join(SIZE_UNITS)
+            raise _Invalid(field_name, f"unknown unit {unit!r} in {value!r} (known: {known})")
     n_bytes = number * SIZE_UNITS[unit]
     if n_bytes <= 0:
         raise _Invalid(field_name, f"must be > 0, got {value!r}")

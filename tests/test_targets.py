@@ -208,19 +208,19 @@ def edit(old: str, new: str) -> str:
     return GOOD.replace(old, new, 1)
 
 
+SRAM_SOURCE = 'source = "datasheet §3"\n\n'
 SECOND_TIER = 'name = "flash"\nkind = "flash"\nsize = 1048576\n'
 BAD_FILES = {
     "zero size": (edit('size = "256 KiB"', "size = 0"), "tiers[0].size", "> 0"),
     "negative size": (edit("size = 1048576", "size = -4"), "tiers[1].size", "> 0"),
-    "negative size string": (edit('size = "256 KiB"', 'size = "-256 KiB"'), "tiers[0].size", ""),
+    "negative size string": (edit('size = "256 KiB"', 'size = "-256 KiB"'), "tiers[0].size", "> 0"),
     "missing size": (edit('size = "256 KiB"\n', ""), "tiers[0].size", "missing"),
     "bad unit": (edit('size = "256 KiB"', 'size = "256 kilobytes"'), "tiers[0].size", "unit"),
     "no unit": (edit('size = "256 KiB"', 'size = "256"'), "tiers[0].size", "no unit"),
     "bad bandwidth": (edit('"0.5 GB/s"', '"0.5 GB"'), "tiers[0].bandwidth", "cannot read"),
     "unknown kind": (edit('kind = "flash"', 'kind = "eeprom"'), "tiers[1].kind", "eeprom"),
-    "missing tier source": (edit('source = "datasheet §3"\n\n', "\n"), "tiers[0].source", "missing"),
-    "empty tier source": (edit('source = "datasheet §3"\n\n', 'source = " "\n\n'),
-                          "tiers[0].source", "empty"),
+    "missing tier source": (edit(SRAM_SOURCE, "\n"), "tiers[0].source", "missing"),
+    "empty tier source": (edit(SRAM_SOURCE, 'source = " "\n\n'), "tiers[0].source", "empty"),
     "missing compute source": (edit('source = "clock x 1"\n', ""), "compute.source", "missing"),
     "missing compute figure": (edit("ops_per_s = 1e8\n", ""), "compute.ops_per_s", "missing"),
     "zero compute": (edit("ops_per_s = 1e8", "ops_per_s = 0"), "compute.ops_per_s", "> 0"),
@@ -236,12 +236,18 @@ BAD_FILES = {
     "empty dtypes": (edit('dtypes = ["fp32", "int8"]', "dtypes = []"), "dtypes", "at least"),
     "bad name": (edit('name = "myboard"', 'name = "My Board"'), "name", "lowercase"),
     "unknown key": (edit('runtime = "TFLite Micro"', 'runtme = "x"'), "runtme", "unknown key"),
-    "unknown tier key": (edit(SECOND_TIER, SECOND_TIER + "sise = 3\n"), "tiers[1].sise",
-                         "unknown key"),
-    "tiers not tables": (GOOD.split("[[tiers]]")[0] + "tiers = [1, 2]\n", "tiers[0]", "table"),
-    "syntax error": (edit('runtime = "TFLite Micro"', "runtime = TFLite Micro"),
-                     "TOML syntax error", "line"),
-}  # fmt: skip
+    "unknown tier key": (
+        edit(SECOND_TIER, SECOND_TIER + "sise = 3\n"),
+        "tiers[1].sise",
+        "unknown key",
+    ),
+    "tiers not tables": ("tiers = [1, 2]\n" + GOOD.split("[[tiers]]")[0], "tiers[0]", "table"),
+    "syntax error": (
+        edit('runtime = "TFLite Micro"', "runtime = TFLite Micro"),
+        "TOML syntax error",
+        "line",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))

@@ -34,6 +34,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TypeProto
 
 from edge.errors import EdgeError
+from edge.memory.measure import measure_shapes
 from edge.memory.schedule import Op, Schedule, TensorInfo
 
 _STATE_RE = re.compile(r"(momentum|velocity|exp_avg|moment|adam|optim|(^|[._/])(m|v)\d*$)", re.I)
@@ -58,6 +59,7 @@ class GraphOptions:
     state_names: frozenset[str] = frozenset()
     bindings: Mapping[str, str] = field(default_factory=dict)
     alias_views: bool = False
+    measure: bool = True  # run onnxruntime on zeros for shapes inference cannot derive
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
@@ -210,7 +212,7 @@ class _Sizer:
                 key = d.dim_param or f"<unnamed axis {axis}>"
                 fix = (f"pass dims={{{d.dim_param!r}: N}}" if d.dim_param
                        else "pass the batch size or export with static shapes")
-                if d.dim_param and _BATCH_FIRST_RE.match(d.dim_param):
+                if writer == "graph input" and _BATCH_FIRST_RE.match(d.dim_param):
                     fix += " or the batch size (--batch N)"
                 raise EdgeError(f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; "
                                 f"{fix}")
@@ -260,6 +262,41 @@ def _body_cost(g: GraphProto, size: _Sizer) -> tuple[int, set[str]]:
     return written, outer
 
 
+def _size_node_outputs(
+    g: GraphProto, types: Mapping[str, TypeProto], size: _Sizer, readers: set[str],
+    model: ModelProto | None, notes: list[str],
+) -> dict[str, TensorInfo | None]:
+    """Size every node output; measure the ones inference left unknown (see `measure`)."""
+    sized: dict[str, TensorInfo | None] = {}
+    failed: dict[str, EdgeError] = {}
+    for step, node in enumerate(g.node):
+        for name in (o for o in node.output if o):
+            try:
+                sized[name] = size(name, types.get(name),
+                                   f"output of {node.op_type} {node.name or step!r}")
+            except EdgeError as exc:
+                sized[name], failed[name] = None, exc
+    missing = [n for n, info in sized.items() if info is None]
+    if not missing:
+        return sized
+    why = ""
+    if model is not None:
+        try:
+            measured = measure_shapes(model, missing)
+            sized.update(measured)
+            notes.append(f"{len(measured)} tensor shapes that shape inference could not derive "
+                         "were measured by running onnxruntime on all-zero inputs")
+        except Exception as exc:
+            why = f" (measuring it with onnxruntime failed: {_one_line(exc, 120)})"
+    for name in missing:
+        if sized[name] is None and name in readers:
+            err = failed.get(name) or EdgeError(
+                f"ONNX shape inference could not find the shape of {name!r}; export with "
+                "static shapes")
+            raise EdgeError(f"{err}{why}") from None
+    return sized
+
+
 def schedule_from_onnx(
     model: ModelProto | str | Path | bytes, options: GraphOptions | None = None
 ) -> Schedule:
@@ -302,6 +339,8 @@ def schedule_from_onnx(
     defined = set(tensors)
     unsized: list[str] = []
     readers = {i for node in g.node for i in node.input} | set(output_names)
+    sized = _size_node_outputs(g, types, size, readers, model_copy if opts.measure else None,
+                               notes)
     for step, node in enumerate(g.node):
         op_type = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -334,11 +373,8 @@ def schedule_from_onnx(
                     name not in output_names and not tensors[ins[0]].persistent):
                 view_of[name] = ins[0]
                 continue
-            info = size(name, types.get(name), f"output of {op_type} {op_name!r}")
+            info = sized.get(name)
             if info is None:
-                if name in readers:
-                    raise EdgeError(f"ONNX shape inference could not find the shape of {name!r} "
-                                    f"(output of {op_type} {op_name!r}); export with static shapes")
                 unsized.append(name)
                 continue
             cat = ("update_buffer" if name in opts.bindings

@@ -195,14 +195,16 @@ def _place_persistent(
             return where, notes
         free, where = fresh(), {}
         off = max(flash + dram, key=lambda t: t.bytes)
-        notes.append(f"auto: persistent tensors do not fit SRAM beside the arena; read-only ones "
-                     f"go to {off.name} ({off.kind})")
-        _fill(ro, [off], free, a, where)
+        notes.append("auto: persistent tensors do not fit in SRAM beside the arena")
+        if ro:
+            _fill(ro, [off], free, a, where)
+            notes.append(f"{len(ro)} read-only persistent tensors placed in {off.name} "
+                         f"({off.kind})")
         if rw:
             wtier = [max(dram, key=lambda t: t.bytes)] if dram else sram
             _fill(rw, wtier, free, a, where)
-            notes.append(f"{len(rw)} tensors updated by the step ({rw_bytes} B) need writable "
-                         f"memory: placed in {wtier[0].kind}")
+            notes.append(f"{len(rw)} tensors the step updates ({rw_bytes} B) need writable "
+                         f"memory: placed in {wtier[0].name} ({wtier[0].kind})")
         return where, notes
     if policy == "sram":
         _fill(pers, sram, free, a, where)

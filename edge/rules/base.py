@@ -56,6 +56,17 @@ class LocalRule:
         closed form against autograd of this)."""
         raise NotImplementedError
 
+    def next_input(self, i: int, y: Tensor) -> Tensor:
+        """What layer i hands to layer i+1, given its output `y` (default: `y` unchanged).
+        Forward-Forward length-normalises here so the next layer cannot just read goodness."""
+        return y
+
+    def next_context(self, i: int, params: dict[str, Tensor], ctx: Any) -> Any:
+        """The context layer i+1 sees, once layer i is done (default: the same context).
+        Forward-Forward pushes its negative samples one layer up here. `params` are the
+        step's incoming parameters, the same ones the views are forwarded with."""
+        return ctx
+
     def hparams(self) -> dict[str, Any]:
         return {}
 

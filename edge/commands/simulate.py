@@ -1,0 +1,116 @@
+"""`edge simulate`: does an ONNX graph fit a device, where does every tensor live.
+
+The command is thin: `run_simulation` does the work and takes a ModelProto (or a path) and a
+manifest dict, so callers that build graphs in memory (an exporter, a bundle) skip the files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from onnx import ModelProto
+from rich.console import Console
+
+from edge.errors import EdgeError
+from edge.memory.onnx_graph import GraphOptions
+from edge.memory.report import plot_timeline, render_table
+from edge.memory.simulate import (
+    POLICIES,
+    MemoryReport,
+    SimOptions,
+    load_target,
+    max_batch_that_fits,
+    simulate,
+)
+from targets import Target
+
+
+def parse_dims(items: list[str]) -> dict[str, int]:
+    """['batch=32', 'seq=128'] -> {'batch': 32, 'seq': 128}."""
+    dims: dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value.strip().isdigit() or int(value) < 1:
+            raise EdgeError(f"--dim expects name=N with N >= 1, got {item!r}")
+        dims[key.strip()] = int(value)
+    return dims
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeError(f"manifest not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeError(f"cannot read manifest {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise EdgeError(f"manifest {path} must be a JSON object")
+    return data
+
+
+def sim_options(*, manifest: Mapping[str, Any] | None = None, batch: int | None = None,
+                dims: Mapping[str, int] | None = None, persistent: str = "auto",
+                inplace: bool = True) -> SimOptions:
+    graph = GraphOptions.from_manifest(manifest, dims=dict(dims or {}), batch_size=batch)
+    return SimOptions(persistent=persistent, inplace=inplace, graph=graph)
+
+
+def run_simulation(model: ModelProto | str | Path | bytes, target: Target | str | Path, *,
+                   manifest: Mapping[str, Any] | None = None, batch: int | None = None,
+                   dims: Mapping[str, int] | None = None, persistent: str = "auto",
+                   inplace: bool = True) -> MemoryReport:
+    """Simulate `model` on `target`; `manifest` = {bindings, param_names, state_names}."""
+    options = sim_options(manifest=manifest, batch=batch, dims=dims, persistent=persistent,
+                          inplace=inplace)
+    return simulate(model, load_target(target), options)
+
+
+def simulate_cmd(
+    target: Annotated[str, typer.Option("--target", help="Catalog name or a target .toml file.")],
+    model: Annotated[Path, typer.Option("--model", help="ONNX graph (.onnx) to simulate.")],
+    batch: Annotated[int | None, typer.Option("--batch", help="Batch size for a dynamic batch "
+                                              "dim.")] = None,
+    dim: Annotated[list[str], typer.Option("--dim", help="Dynamic dim name=N (repeatable).")] = [],  # noqa: B006
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="JSON: {bindings: {new: param}, param_names, state_names}.")] = None,
+    persistent: Annotated[str, typer.Option(
+        "--persistent", help=f"Where parameters/optimizer state live: {' | '.join(POLICIES)}."
+    )] = "auto",
+    inplace: Annotated[bool, typer.Option(
+        "--inplace/--no-inplace", help="Let new parameters overwrite the old in place.")] = True,
+    max_batch: Annotated[bool, typer.Option(
+        "--max-batch", help="Also search the largest batch that fits.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG timeline.")] = None,
+) -> None:
+    """Simulate a graph on a device: fits?, peak, arena plan, and where every tensor lives."""
+    try:
+        tgt = load_target(target)
+        options = sim_options(manifest=read_manifest(manifest) if manifest else None,
+                              batch=batch, dims=parse_dims(dim), persistent=persistent,
+                              inplace=inplace)
+        report = simulate(model, tgt, options)
+        best = max_batch_that_fits(model, tgt, options) if max_batch else None
+        if plot is not None:
+            plot_timeline(report, plot)
+    except EdgeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        obj = report.to_dict()
+        if max_batch:
+            obj["max_batch"] = best
+        if plot is not None:
+            obj["plot"] = str(plot)
+        typer.echo(json.dumps(obj, default=str))
+        return
+    console = Console()
+    render_table(report, console)
+    if max_batch:
+        console.print(f"largest batch that fits: {best if best is not None else 'none (not 1)'}")
+    if plot is not None:
+        console.print(f"timeline written to {plot}")

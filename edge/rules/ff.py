@@ -1,0 +1,137 @@
+"""Forward-Forward (Hinton 2022), unsupervised: real images score high goodness, hybrids low.
+
+Goodness of one sample's layer output y (after ReLU and max-pool), F = its number of units:
+  g(y) = mean_f y_f^2          (the mean, not Hinton's sum, so one threshold fits every width)
+Per layer, with threshold theta, both views as positives and one negative per image:
+  L = 1/2 mean_i softplus(theta - g(y1_i)) + 1/2 mean_i softplus(theta - g(y2_i))
+    + mean_i softplus(g(yn_i) - theta)
+Closed form: dL/dg is -sigmoid(theta - g)/(2N) for a positive, +sigmoid(g - theta)/N for a
+negative, dL/dy = dL/dg * 2 y / F, then this layer's max-pool, ReLU and Hebbian product
+(`edge.nets.layer_backward`), summed over the three streams.
+
+Negatives (built in `context`): the hybrid xn_i = m_i * x1_i + (1 - m_i) * x2_{i-1} of image
+i's first view and image i-1's second view (the batch rolled by one), through a smooth mask as
+in Hinton's paper: a random binary image blurred `blur` times by [1/4, 1/2, 1/4] along both
+axes, thresholded at 0.5. The masks are a fixed bank of `masks` drawn once per input size from
+`seed`; sample i of a batch takes mask i mod `masks`. So a step stays a pure function of its
+inputs (no generator state to checkpoint, a constant in an exported graph), and the shuffled
+batches still pair every mask with ever new images.
+
+Each layer hands on its output length-normalised, y / sqrt(mean_f y_f^2 + eps) (`next_input`),
+so the next layer sees the direction of the activity but not its goodness. The negatives go up
+the same way: the context holds the negative's `LayerOut` at the current layer and
+`next_context` forwards it one layer further, once per layer, with the same weights the views
+use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from edge.errors import EdgeError
+from edge.nets import LayerOut, LayerSpec, NetSpec, layer_backward, layer_forward, layer_params
+from edge.rules.base import LocalRule
+
+EPS = 1e-6
+
+
+def goodness(y: Tensor) -> Tensor:
+    return y.flatten(1).pow(2).mean(1)
+
+
+def blur_masks(k: int, h: int, w: int, blur: int, gen: torch.Generator) -> Tensor:
+    """k smooth binary masks (k, 1, h, w): random bits, blurred `blur` times, thresholded."""
+    m = torch.randint(0, 2, (k, 1, h, w), generator=gen).float()
+    f = torch.tensor([0.25, 0.5, 0.25])
+    for _ in range(blur):
+        m = F.conv2d(F.pad(m, (1, 1, 0, 0), mode="replicate"), f.view(1, 1, 1, 3))
+        m = F.conv2d(F.pad(m, (0, 0, 1, 1), mode="replicate"), f.view(1, 1, 3, 1))
+    return (m > 0.5).float()
+
+
+class ForwardForward(LocalRule):
+    name = "ff"
+    description = "Forward-Forward (unsupervised): high goodness for real views, low for hybrids"
+    memory = "layer input and output of both views and of the negatives (3 streams); no predictor"
+
+    def __init__(
+        self, threshold: float = 1.0, masks: int = 64, blur: int | None = None, seed: int = 0
+    ):
+        if masks < 1:
+            raise EdgeError(f"ff needs at least 1 mask, got {masks}")
+        if blur is not None and blur < 0:
+            raise EdgeError(f"ff blur must be >= 0 passes, got {blur}")
+        self.threshold, self.masks, self.blur, self.seed = threshold, masks, blur, seed
+        self._bank: dict[tuple[int, int], Tensor] = {}
+
+    def hparams(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "masks": self.masks, "blur": self.blur, "seed": self.seed}
+
+    def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
+        return {}
+
+    def mask_bank(self, h: int, w: int) -> Tensor:
+        """The fixed masks for h x w inputs; `blur` defaults to min(h, w) // 5 (>= 1) passes."""
+        if (h, w) not in self._bank:
+            blur = self.blur if self.blur is not None else max(1, min(h, w) // 5)
+            gen = torch.Generator().manual_seed(self.seed)
+            self._bank[(h, w)] = blur_masks(self.masks, h, w, blur, gen)
+        return self._bank[(h, w)]
+
+    def negatives(self, x1: Tensor, x2: Tensor) -> Tensor:
+        n, _, h, w = x1.shape
+        m = self.mask_bank(h, w)[torch.arange(n) % self.masks].to(x1.dtype)
+        return m * x1 + (1 - m) * torch.roll(x2, 1, 0)
+
+    def context(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Any:
+        """The negatives' pass through layer 0; `next_context` carries it up."""
+        w, b = layer_params(params, 0)
+        return {"layers": net.layers, "neg": layer_forward(net.layers[0], w, b, self.negatives(x1, x2))}
+
+    def next_input(self, i: int, y: Tensor) -> Tensor:
+        dims = tuple(range(1, y.dim()))
+        return y / (y.pow(2).mean(dims, keepdim=True) + EPS).sqrt()
+
+    def next_context(self, i: int, params: dict[str, Tensor], ctx: Any) -> Any:
+        layers = ctx["layers"]
+        if i + 1 == len(layers):
+            return ctx
+        w, b = layer_params(params, i + 1)
+        x = self.next_input(i, ctx["neg"].y)
+        return {"layers": layers, "neg": layer_forward(layers[i + 1], w, b, x)}
+
+    def layer_grads(
+        self,
+        i: int,
+        layer: LayerSpec,
+        o1: LayerOut,
+        o2: LayerOut,
+        params: dict[str, Tensor],
+        ctx: Any,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        on: LayerOut = ctx["neg"]
+        n, th = o1.y.shape[0], self.threshold
+        gw = gb = None
+        loss = o1.y.new_zeros(())
+        for o, sign, weight in ((o1, 1.0, 0.5), (o2, 1.0, 0.5), (on, -1.0, 1.0)):
+            margin = sign * (th - goodness(o.y))  # softplus(margin) is this stream's loss
+            loss = loss + weight * F.softplus(margin).mean()
+            dg = -sign * weight * torch.sigmoid(margin) / n  # dL/dg per sample
+            f = o.y[0].numel()
+            gy = dg.view(-1, *([1] * (o.y.dim() - 1))) * 2 * o.y / f
+            w_, b_ = layer_backward(layer, o, gy)
+            gw, gb = (w_, b_) if gw is None else (gw + w_, gb + b_)
+        return {f"enc.{i}.w": gw, f"enc.{i}.b": gb}, loss
+
+    def layer_loss(
+        self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any
+    ) -> Tensor:
+        w, b = layer_params(params, i)
+        yn = layer_forward(ctx["layers"][i], w, b, ctx["neg"].x).y
+        th = self.threshold
+        pos = 0.5 * (F.softplus(th - goodness(y1)).mean() + F.softplus(th - goodness(y2)).mean())
+        return pos + F.softplus(goodness(yn) - th).mean()

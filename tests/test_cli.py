@@ -1,0 +1,82 @@
+"""The `edge` command: JSON output, and bad input as one line with a non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge.cli import main
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("edge ")
+
+
+def test_train_json_and_probe(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", "--rule", "clapp++", "--epochs", "1", "--subset", "256",
+                       "--batch-size", "32", "--width", "0.25", "--out", str(tmp_path), "--json")
+    assert code in (0, None)
+    r = json.loads(out)
+    assert r["rule"] == "clapp++" and r["epochs"] == 1 and len(r["weights_digest"]) == 64
+    code, out, _ = run(capsys, "probe", str(tmp_path), "--json")
+    assert json.loads(out)["probe_accuracy"] == pytest.approx(r["probe_accuracy"])
+
+
+def test_rules_json(capsys):
+    code, out, _ = run(capsys, "rules", "--json")
+    rows = json.loads(out)["rules"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["clapp++"]["local"] and not by_name["bp-infonce"]["local"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--rule", "hebb"], "valid: "),
+    (["train", "--data", "imagenet"], "valid: digits, mnist, cifar10"),
+    (["train", "--epochs", "0"], "--epochs must be positive"),
+    (["train", "--batch-size", "-3"], "--batch-size must be positive"),
+    (["train", "--subset", "0"], "--subset must be positive"),
+    (["train", "--hp", "pool"], "key=value"),
+    (["probe", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(capsys, args, needle):
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_data_names_where_it_looked(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDGE_DATA", raising=False)
+    code, _, err = run(capsys, "train", "--data", "mnist", "--data-dir", str(tmp_path / "none"))
+    assert code == 2 and str(tmp_path / "none") in err and err.count("\n") == 1
+
+
+def test_checkpoint_of_another_network(capsys, tmp_path):
+    import torch
+
+    from edge import checkpoint
+
+    code, out, _ = run(capsys, "train", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+                       "--width", "0.25", "--out", str(tmp_path), "--json")
+    params, state, meta = checkpoint.load(tmp_path)
+    params["enc.0.w"] = torch.zeros(3, 3)
+    checkpoint.save(tmp_path / "checkpoint.safetensors", params, state, meta)
+    code, _, err = run(capsys, "probe", str(tmp_path))
+    assert code == 2 and "does not match network" in err
+
+
+def test_console_script_prints_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "edge", "train", "--rule", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: unknown rule 'nope'")
+    assert "Traceback" not in p.stderr
