@@ -197,12 +197,9 @@ def demo(
 
 def _mount_subcommands() -> None:
     """Sub-apps that live in edge.commands (one module per command family)."""
-    try:
-        from edge.commands.targets import app as targets_app
+    from edge.commands.targets import app as targets_app
 
-        app.add_typer(targets_app, name="targets", help="Device targets: list | show.")
-    except ImportError:
-        pass
+    app.add_typer(targets_app, name="targets", help="Device targets: list | show.")
     try:
         from edge.commands.simulate import simulate_cmd
 

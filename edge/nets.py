@@ -159,46 +159,53 @@ def layer_params(params: dict[str, Tensor], i: int) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class LayerOut:
-    """What one layer's forward pass leaves for its own local update."""
+    """What one layer's forward pass leaves for its own local update.
+
+    No pre-activation is kept: the ReLU's derivative is read off the output (y > 0), which
+    is exact at the max-pool's argmax too (the max of a window is positive iff the chosen
+    unit's pre-activation is), so the full-resolution pre-activation dies in the forward.
+    """
 
     x: Tensor  # the layer's input (flattened for linear layers)
-    a: Tensor  # pre-activation
     y: Tensor  # output: ReLU, then max-pool if the layer pools
-    pool_idx: Tensor | None  # argmax indices of the max-pool
+    pool_idx: Tensor | None  # argmax indices of the max-pool, per channel plane
 
 
 def layer_forward(layer: LayerSpec, w: Tensor, b: Tensor, x: Tensor) -> LayerOut:
     if layer.kind == "linear":
         x = x.flatten(1)
-        a = F.linear(x, w, b)
-        return LayerOut(x, a, F.relu(a), None)
-    a = F.conv2d(x, w, b, padding=1)
-    z = F.relu(a)
+        return LayerOut(x, F.relu(F.linear(x, w, b)), None)
+    z = F.relu(F.conv2d(x, w, b, padding=1), inplace=True)  # no second full-size buffer
     if not layer.pool:
-        return LayerOut(x, a, z, None)
+        return LayerOut(x, z, None)
     y, idx = F.max_pool2d(z, 2, return_indices=True)
-    return LayerOut(x, a, y, idx)
+    return LayerOut(x, y, idx)
 
 
 def layer_backward(layer: LayerSpec, out: LayerOut, gy: Tensor) -> tuple[Tensor, Tensor]:
-    """Closed-form dL/dW, dL/db of one layer from dL/dy, its input and its own activations.
+    """Closed-form dL/dW, dL/db of one layer from dL/dy, its input and its own output.
 
-    Through the max-pool (route to the argmax), the ReLU (mask a > 0), then the Hebbian
-    post x pre product: e^T x for linear layers; for 3x3/stride-1/padding-1 convs the
-    weight gradient is itself a convolution of the input by the error, with the batch as
-    the channel axis (the transposed-conv trick: no unfold buffer, no autograd).
+    The ReLU mask (y > 0), then back through the max-pool (each gradient to its argmax),
+    then the Hebbian post x pre product: e^T x for linear layers; for 3x3/stride-1/padding-1
+    convs the weight gradient is itself a convolution of the input by the error, with the
+    batch as the channel axis (the transposed-conv trick: no unfold buffer, no autograd).
     """
-    if out.pool_idx is not None:
-        n, c, h, w = out.a.shape
-        gz = torch.zeros(n, c, h * w, dtype=gy.dtype)
-        gz = gz.scatter(2, out.pool_idx.flatten(2), gy.flatten(2)).view(n, c, h, w)
-    else:
-        gz = gy
-    e = gz * (out.a > 0).to(gz.dtype)
     if layer.kind == "linear":
-        return e.t() @ out.x, e.sum(0)
-    gw = F.conv2d(out.x.transpose(0, 1), e.transpose(0, 1), padding=1).transpose(0, 1)
-    return gw, e.sum((0, 2, 3))
+        g = gy * (out.y > 0).to(gy.dtype)
+        return g.t() @ out.x, g.sum(0)
+    # The error is built directly in (C, N, H, W) layout, the weight-gradient conv's weight
+    # layout, so no full-size transposed copy of it is ever made.
+    n, c = gy.shape[:2]
+    gT = gy.transpose(0, 1) * (out.y.transpose(0, 1) > 0).to(gy.dtype)
+    if out.pool_idx is not None:
+        h, w = out.x.shape[2], out.x.shape[3]
+        idxT = out.pool_idx.transpose(0, 1).reshape(c, n, -1)
+        eT = torch.zeros(c, n, h * w, dtype=gy.dtype)
+        eT = eT.scatter_(2, idxT, gT.reshape(c, n, -1)).view(c, n, h, w)
+    else:
+        eT = gT.contiguous()
+    gw = F.conv2d(out.x.transpose(0, 1), eT, padding=1).transpose(0, 1)
+    return gw, eT.sum((1, 2, 3))
 
 
 def encode(net: NetSpec, params: dict[str, Tensor], x: Tensor) -> list[Tensor]:

@@ -30,9 +30,13 @@ def local_step(
     state: dict[str, Tensor],
     x1: Tensor,
     x2: Tensor,
+    donate: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Metrics]:
+    """`donate=True` hands `params` and `state` over: they are updated in place entry by
+    entry, so each layer's old tensors die as soon as its new ones exist (as on a device
+    that writes updates over the old weights); the caller must not reuse them."""
     step = state["step"] + 1
-    new_params, new_state = dict(params), dict(state)
+    new_params, new_state = (params, state) if donate else (dict(params), dict(state))
     ctx = rule.context(net, params, x1, x2)
     losses = []
     for i, layer in enumerate(net.layers):
@@ -58,8 +62,9 @@ def train_step(
     state: dict[str, Tensor],
     x1: Tensor,
     x2: Tensor,
+    donate: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Metrics]:
     """The step of any rule: closed-form layer-local for local rules, autograd for baselines."""
     if rule.is_local:
-        return local_step(net, rule, opt, params, state, x1, x2)
+        return local_step(net, rule, opt, params, state, x1, x2, donate)
     return bp_step(net, rule, opt, params, state, x1, x2)

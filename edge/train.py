@@ -132,7 +132,7 @@ def train(
             for s in range(steps):
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                 v1, v2 = two_views(x, gen, views, ds.mean, ds.std)
-                params, state, metrics = train_step(net, rule, opt, params, state, v1, v2)
+                params, state, metrics = train_step(net, rule, opt, params, state, v1, v2, donate=True)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
                     kept = f"kept {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"

@@ -30,7 +30,9 @@ from edge.step import local_step
 from export.manifest import TensorSpec
 
 Tensors = dict[str, Tensor]
-StepFn = Callable[[Tensors, Tensors, Tensor, Tensor, Tensor | None], tuple[Tensors, Tensors, Tensors]]
+StepFn = Callable[
+    [Tensors, Tensors, Tensor, Tensor, Tensor | None], tuple[Tensors, Tensors, Tensors]
+]
 LayerFn = Callable[
     [int, Tensors, Tensors, Tensor, Tensor, Tensor, Tensor | None],
     tuple[Tensor, Tensor, Tensors, Tensors, Tensor],

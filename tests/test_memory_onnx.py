@@ -18,8 +18,14 @@ from typer.testing import CliRunner
 from edge.commands.simulate import run_simulation, simulate_cmd
 from edge.errors import EdgeError
 from edge.memory.onnx_graph import GraphOptions, schedule_from_onnx
-from edge.memory.planner import check_no_overlap, plan_schedule
-from edge.memory.simulate import SimOptions, max_batch_that_fits, simulate, simulate_sequence
+from edge.memory.planner import ArenaPlan, Placement, check_no_overlap, plan_schedule
+from edge.memory.simulate import (
+    MemoryReport,
+    SimOptions,
+    max_batch_that_fits,
+    simulate,
+    simulate_sequence,
+)
 from targets import MemoryTier, Target
 
 BINDINGS = {"W1_new": "W1", "W2_new": "W2", "W3_new": "W3"}
@@ -100,6 +106,18 @@ def test_arena_close_to_lower_bound_on_real_graphs(step_onnx: bytes, infer_onnx:
             check_no_overlap(plan)
             assert lb <= plan.arena_bytes <= 1.05 * lb, (batch, plan.arena_bytes, lb)
             assert plan.arena_bytes < nr
+
+
+def test_alias_views_removes_reshape_copies() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    model = _export(net, (torch.randn(1, 3, 8, 8),), input_names=["input"],
+                    output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+    # batch 2: input 1536 B, conv out 4096 B, flatten copy 4096 B, logits 80 B
+    copy = schedule_from_onnx(model, GraphOptions(batch_size=2))
+    view = schedule_from_onnx(model, GraphOptions(batch_size=2, alias_views=True))
+    assert plan_schedule(copy)[1] == 4096 + 4096 and plan_schedule(view)[1] == 1536 + 4096
+    assert view.ops[1].op_type == "Flatten" and view.ops[1].outputs == ()
 
 
 def test_dynamic_dims_by_name_by_batch_and_errors(step_onnx: bytes) -> None:
@@ -200,14 +218,27 @@ def test_persistent_placement_policies(infer_onnx: bytes, step_onnx: bytes) -> N
     r = simulate(step_onnx, t, SimOptions("auto", graph=GraphOptions(batch_size=2,
                                                                      bindings=BINDINGS)))
     assert r.trained and r.tier("flash").used == 0 and r.tier("dram").used > 0
+    check_whole_plan(r)
     with pytest.raises(EdgeError, match="no dram tier"):
         simulate(infer_onnx, _target(KIB), SimOptions("dram", graph=g))
+
+
+def check_whole_plan(report: MemoryReport) -> None:
+    """Every tensor of the report (arena and persistent, all tiers) against every other."""
+    for tier in report.tiers:
+        ps = [Placement(p.name, p.offset, p.size, p.first, p.last) for p in report.plan
+              if p.tier == tier.name and p.alias_of is None]
+        top = max((p.offset + p.size for p in ps), default=0)
+        check_no_overlap(ArenaPlan(tuple(ps), top, alignment=report.alignment))
+        assert top <= tier.used
 
 
 def test_simulate_sequence_reuses_arena_and_keeps_all_parameters(step_onnx: bytes) -> None:
     opts = SimOptions(graph=GraphOptions(batch_size=2, bindings=BINDINGS))
     one = simulate(step_onnx, _target(1 << 20), opts)
     three = simulate_sequence([step_onnx] * 3, _target(1 << 20), opts)
+    check_whole_plan(one)
+    check_whole_plan(three)
     assert three.arena_bytes == one.arena_bytes
     assert three.persistent_onchip_bytes == 3 * one.persistent_onchip_bytes
     assert three.peak_bytes == one.arena_bytes + 3 * one.persistent_onchip_bytes

@@ -1,4 +1,4 @@
-"""Planner, lifetimes and in-place bindings on small schedules whose answers were worked out by hand.
+"""Planner, lifetimes and in-place bindings on small schedules worked out by hand.
 
 Every expected offset below follows the greedy rule by hand: sort by size (largest first, ties
 by first use, then name); place at the lowest offset not overlapping, in address, a placed

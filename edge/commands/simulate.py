@@ -111,6 +111,7 @@ def simulate_cmd(
     console = Console()
     render_table(report, console)
     if max_batch:
-        console.print(f"largest batch that fits: {best if best is not None else 'none (not 1)'}")
+        shown = best if best is not None else "none (batch 1 does not fit)"
+        console.print(f"largest batch that fits: {shown}")
     if plot is not None:
         console.print(f"timeline written to {plot}")

@@ -172,7 +172,7 @@ def joint_schedule(
         a = a.detach()
         args.append(a.requires_grad_(True) if i in params and a.is_floating_point() else a)
     try:
-        gm = make_fx(fn, tracing_mode="fake")(*args)
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
     except EdgeError:
         raise
     except Exception as exc:

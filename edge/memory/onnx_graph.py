@@ -8,8 +8,10 @@ Steps:
    bare `batch_size` fills the batch-like dims (`batch*`, `N`, `bs`, `unk__*`, unnamed) of the
    first data input and any `*batch*` dim of the other inputs. Then
    `onnx.shape_inference.infer_shapes(strict_mode=True, data_prop=True)`; if strict inference
-   fails we retry non-strict and keep a note. A tensor whose shape is still unknown -> an
-   `EdgeError` naming the tensor and the `dims` entry that would fix it.
+   fails we retry non-strict and keep a note. Shapes inference cannot derive (run-time shape
+   arithmetic such as Shape -> Range) are measured by one onnxruntime run on zeros
+   (`measure`, see `edge.memory.measure`). A tensor still unsized -> an `EdgeError` naming the
+   tensor and the `dims` entry that would fix it. Sizes themselves: `edge.memory.onnx_sizes`.
 3. Execution order is the node order (ONNX requires it to be topological; we check it).
 4. Categories: initializers are parameters (optimizer state when listed in `state_names`); graph
    inputs are parameters / optimizer state when listed in the manifest (`param_names`,
@@ -19,27 +21,28 @@ Steps:
    buffers, other graph outputs are outputs, everything else is an activation.
 5. If / Loop / Scan bodies are counted conservatively: the node reads every outer value its body
    uses, and a scratch tensor the size of everything the body writes lives during that step.
+6. `alias_views=True` treats Reshape/Flatten/Squeeze/Unsqueeze/Identity outputs as views of
+   their input (no bytes of their own), as runtimes that reshape in place do. Off by default.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, TypeProto
+from onnx import GraphProto, ModelProto, TypeProto
 
 from edge.errors import EdgeError
 from edge.memory.measure import measure_shapes
+from edge.memory.onnx_sizes import BATCH_FIRST_RE, Sizer, body_cost, graph_types, subgraphs
 from edge.memory.schedule import Op, Schedule, TensorInfo
 
 _STATE_RE = re.compile(r"(momentum|velocity|exp_avg|moment|adam|optim|(^|[._/])(m|v)\d*$)", re.I)
 _PARAM_RE = re.compile(r"(weight|bias|kernel|gamma|beta|running_|param|(^|[._/])(w|b)\d*$)", re.I)
-_BATCH_FIRST_RE = re.compile(r"^(n|b|bs|batch.*|.*_batch(_size)?|unk__\d+)$", re.I)
 _BATCH_ANY_RE = re.compile(r"batch", re.I)
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
@@ -79,18 +82,22 @@ class GraphOptions:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, object] | None, **kw: object) -> GraphOptions:
-        """Read `{"bindings": {out: in}, "param_names": [...], "state_names": [...]}`."""
+        """Read `{"bindings": {out: in}, "param_names": [...], "state_names": [...]}`.
+
+        Other keys are ignored, so an exporter's manifest can carry more than this reads.
+        """
         m = dict(manifest or {})
-        unknown = set(m) - {"bindings", "param_names", "state_names"}
-        if unknown:
-            raise EdgeError(f"manifest has unknown keys {sorted(unknown)}; expected bindings, "
-                            "param_names, state_names")
         bindings = m.get("bindings") or {}
-        if not isinstance(bindings, Mapping):
+        if not isinstance(bindings, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in bindings.items()):
             raise EdgeError("manifest 'bindings' must map new-parameter output -> parameter input")
-        return cls(param_names=frozenset(m.get("param_names") or ()),  # type: ignore[arg-type]
-                   state_names=frozenset(m.get("state_names") or ()),  # type: ignore[arg-type]
-                   bindings={str(k): str(v) for k, v in bindings.items()}, **kw)  # type: ignore[arg-type]
+        names = {}
+        for key in ("param_names", "state_names"):
+            value = m.get(key) or []
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise EdgeError(f"manifest {key!r} must be a list of tensor names")
+            names[key] = frozenset(value)
+        return cls(bindings=dict(bindings), **names, **kw)  # type: ignore[arg-type]
 
 
 def load_model(model: ModelProto | str | Path | bytes) -> ModelProto:
@@ -114,21 +121,6 @@ def load_model(model: ModelProto | str | Path | bytes) -> ModelProto:
     except Exception as exc:  # protobuf DecodeError, ValidationError, OSError ...
         raise EdgeError(f"cannot read ONNX {where}: {_one_line(exc)}") from None
     return proto
-
-
-def _elem_bits(elem_type: int, tensor: str) -> tuple[str, int]:
-    name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "UNDEFINED"
-    if name in ("UNDEFINED", "STRING"):
-        raise EdgeError(f"tensor {tensor!r} has element type {name}; cannot size it")
-    for prefix, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4", 4), ("INT2", 2), ("UINT2", 2)):
-        if name.startswith(prefix):
-            return name.lower(), bits
-    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return np_dtype.name, 8 * np_dtype.itemsize
-
-
-def _nbytes(shape: Iterable[int], bits: int) -> int:
-    return -(-math.prod(shape) * bits // 8)
 
 
 def input_category(name: str, opts: GraphOptions, initializer: bool = False) -> str:
@@ -160,7 +152,7 @@ def _resolve_inputs(model: ModelProto, opts: GraphOptions, inits: set[str]) -> d
             if p in resolved:
                 d.dim_value = resolved[p]
             elif opts.batch_size is not None and (
-                (idx == 0 and (not p or _BATCH_FIRST_RE.match(p)))
+                (idx == 0 and (not p or BATCH_FIRST_RE.match(p)))
                 or bool(p and _BATCH_ANY_RE.search(p))
             ):
                 if p:
@@ -192,78 +184,8 @@ def _infer(model: ModelProto, notes: list[str]) -> ModelProto:
         raise EdgeError(f"ONNX shape inference failed: {_one_line(exc)}") from None
 
 
-class _Sizer:
-    """Turns value types into (shape, dtype, nbytes), resolving named dims or failing helpfully."""
-
-    def __init__(self, resolved: Mapping[str, int]):
-        self.resolved = resolved
-
-    def __call__(self, name: str, tp: TypeProto | None, writer: str) -> TensorInfo | None:
-        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-            return None
-        dtype, bits = _elem_bits(tp.tensor_type.elem_type, name)
-        shape: list[int] = []
-        for axis, d in enumerate(tp.tensor_type.shape.dim):
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            elif d.dim_param in self.resolved:
-                shape.append(self.resolved[d.dim_param])
-            else:
-                key = d.dim_param or f"<unnamed axis {axis}>"
-                fix = (f"pass dims={{{d.dim_param!r}: N}}" if d.dim_param
-                       else "pass the batch size or export with static shapes")
-                if writer == "graph input" and _BATCH_FIRST_RE.match(d.dim_param):
-                    fix += " or the batch size (--batch N)"
-                raise EdgeError(f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; "
-                                f"{fix}")
-        return TensorInfo(name, _nbytes(shape, bits), "activation", tuple(shape), dtype)
-
-
-def _graph_types(g: GraphProto) -> dict[str, TypeProto]:
-    types = {vi.name: vi.type for vi in list(g.input) + list(g.output) + list(g.value_info)}
-    for t in g.initializer:
-        tp = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
-        types[t.name] = tp
-    return types
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[GraphProto]:
-    out: list[GraphProto] = []
-    for a in node.attribute:
-        if a.type == AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
-def _body_cost(g: GraphProto, size: _Sizer) -> tuple[int, set[str]]:
-    """(bytes written inside the body, recursively; outer names the body reads)."""
-    types = _graph_types(g)
-    local = {i.name for i in g.input} | {t.name for t in g.initializer}
-    written, outer = 0, set()
-    for node in g.node:
-        for name in node.input:
-            if name and name not in local:
-                outer.add(name)
-        for sub in _subgraphs(node):
-            cost, refs = _body_cost(sub, size)
-            written += cost
-            outer |= refs - local
-        for name in node.output:
-            if not name:
-                continue
-            local.add(name)
-            info = size(name, types.get(name), f"inside the body of {node.op_type} {node.name!r}")
-            if info is None:
-                raise EdgeError(f"cannot size tensor {name!r} inside a {node.op_type} body; the "
-                                "simulator needs static shapes for If/Loop/Scan bodies")
-            written += info.nbytes
-    return written, outer
-
-
 def _size_node_outputs(
-    g: GraphProto, types: Mapping[str, TypeProto], size: _Sizer, readers: set[str],
+    g: GraphProto, types: Mapping[str, TypeProto], size: Sizer, readers: set[str],
     model: ModelProto | None, notes: list[str],
 ) -> dict[str, TensorInfo | None]:
     """Size every node output; measure the ones inference left unknown (see `measure`)."""
@@ -273,7 +195,8 @@ def _size_node_outputs(
         for name in (o for o in node.output if o):
             try:
                 sized[name] = size(name, types.get(name),
-                                   f"output of {node.op_type} {node.name or step!r}")
+                                   f"output of {node.op_type} "
+                                   f"{repr(node.name) if node.name else f'#{step}'}")
             except EdgeError as exc:
                 sized[name], failed[name] = None, exc
     missing = [n for n, info in sized.items() if info is None]
@@ -309,8 +232,8 @@ def schedule_from_onnx(
     resolved = _resolve_inputs(model_copy, opts, inits)
     notes: list[str] = []
     g = _infer(model_copy, notes).graph
-    types = _graph_types(g)
-    size = _Sizer(resolved)
+    types = graph_types(g)
+    size = Sizer(resolved)
 
     input_names = [i.name for i in g.input if i.name not in inits]
     output_names = [o.name for o in g.output]
@@ -349,8 +272,8 @@ def schedule_from_onnx(
         ins: list[str] = []
         refs = [i for i in node.input if i]
         scratch = 0
-        for sub in _subgraphs(node):
-            cost, outer = _body_cost(sub, size)
+        for sub in subgraphs(node):
+            cost, outer = body_cost(sub, size)
             scratch += cost
             refs += sorted(outer & (defined | produced_later))
         for name in refs:

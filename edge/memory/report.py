@@ -103,28 +103,29 @@ def plot_timeline(report: MemoryReport, path: str | Path, title: str | None = No
             off[p.category] = off.get(p.category, 0) + p.size
     rows = [{c: r.live.get(c, 0) - off.get(c, 0) for c in CATEGORIES} for r in report.timeline]
     cats = [c for c in CATEGORIES if any(r[c] for r in rows)]
+    arena_tier = next(t for t in report.tiers if t.name == report.arena_tier)
+    top = max([sum(r.values()) for r in rows] + [arena_tier.capacity, report.peak_bytes])
+    unit, scale = ("MiB", 1 << 20) if top >= 8 << 20 else ("KiB", 1 << 10)
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     try:
         xs = steps + [steps[-1] + 1]  # each op holds its bytes for one unit of x
         if cats:
-            ax.stackplot(xs, [[r[c] / 1024 for r in rows + rows[-1:]] for c in cats],
+            ax.stackplot(xs, [[r[c] / scale for r in rows + rows[-1:]] for c in cats],
                          labels=cats, colors=[_COLORS[c] for c in cats], alpha=0.85, step="post")
-        arena_tier = next(t for t in report.tiers if t.name == report.arena_tier)
-        ax.axhline(arena_tier.capacity / 1024, color="black", lw=1.2,
+        ax.axhline(arena_tier.capacity / scale, color="black", lw=1.2,
                    label=f"{arena_tier.name} capacity ({fmt_bytes(arena_tier.capacity)})")
-        ax.axhline(report.peak_bytes / 1024, color="black", lw=1, ls="--",
+        ax.axhline(report.peak_bytes / scale, color="black", lw=1, ls="--",
                    label=f"planned peak ({fmt_bytes(report.peak_bytes)})")
         op = report.peak_op
         if op.get("step") is not None:
-            y = sum(rows[op["step"]].values()) / 1024
+            y = sum(rows[op["step"]].values()) / scale
             ax.annotate(f"peak at op {op['step']}: {op['name']} ({op['op_type']})",
                         xy=(op["step"] + 0.5, y), xytext=(0.35, 0.93), textcoords="axes fraction",
                         fontsize=8, arrowprops={"arrowstyle": "->", "lw": 0.8})
         ax.set_xlabel("op index")
-        ax.set_ylabel("live KiB")
+        ax.set_ylabel(f"live {unit}")
         ax.set_xlim(xs[0], xs[-1])
-        top = max([sum(r.values()) for r in rows] + [arena_tier.capacity, report.peak_bytes])
-        ax.set_ylim(0, 1.25 * top / 1024)
+        ax.set_ylim(0, 1.25 * top / scale)
         extra = f"; off chip: {fmt_bytes(sum(off.values()))}" if off else ""
         ax.set_title(title or f"{report.graph} on {report.target}{extra}", fontsize=10)
         ax.legend(loc="upper right", fontsize=7, framealpha=0.9, ncol=2)

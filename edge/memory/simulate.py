@@ -261,6 +261,7 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
         if tier_kind[where[t.name]] == onchip_kind:
             pers_onchip_raw += t.nbytes
     base, saved = 0, 0
+    end = max(sum(len(p.schedule.ops) for p in parts) - 1, 0)  # persistent: live throughout
     for p in parts:
         s, off = p.schedule, p.plan.offsets()
         n = len(s.ops)
@@ -272,7 +273,7 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
             full = p.prefix + t.name
             if t.persistent:
                 plan.append(TensorPlan(full, t.category, where[full], pers_offset[full], t.nbytes,
-                                       0, 0))
+                                       0, end))
                 continue
             if alias is not None:  # bindings target persistent tensors only
                 saved += t.nbytes

@@ -14,9 +14,14 @@ from edge.errors import EdgeError
 def _classes() -> dict[str, type]:
     from edge.baselines.bp_clapp import BPClappPP
     from edge.baselines.bp_infonce import BPInfoNCE
+    from edge.rules.clapp import Clapp
+    from edge.rules.clapp_both import ClappBoth
+    from edge.rules.clapp_dfb import ClappDFB
     from edge.rules.clapp_pp import ClappPP
+    from edge.rules.ff import ForwardForward
 
-    return {c.name: c for c in (ClappPP, BPInfoNCE, BPClappPP)}
+    local = (Clapp, ClappPP, ClappDFB, ClappBoth, ForwardForward)
+    return {c.name: c for c in (*local, BPInfoNCE, BPClappPP)}
 
 
 def names() -> list[str]:

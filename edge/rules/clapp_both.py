@@ -10,14 +10,15 @@ the top-layer forward pass of `edge.rules.clapp_dfb`; like it, needs >= 2 layers
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from edge.rules import hinge
 from edge.rules.clapp_dfb import ClappDFB, Context, Grads
-from torch import Tensor
 
 
 class ClappBoth(ClappDFB):
     name = "clapp++both"
-    description = "CLAPP++ same-layer hinge plus the direct-feedback hinge: two predictors per layer"
+    description = "CLAPP++ same-layer hinge plus the direct-feedback hinge (two predictors a layer)"
     memory = (
         "layer input and output of both views, the pooled D-vectors, both views' pooled top "
         "codes (Dc), B (D x D) and feedback B (D x Dc), each full or rank r"

@@ -69,7 +69,8 @@ class ForwardForward(LocalRule):
         self._bank: dict[tuple[int, int], Tensor] = {}
 
     def hparams(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "masks": self.masks, "blur": self.blur, "seed": self.seed}
+        return {"threshold": self.threshold, "masks": self.masks, "blur": self.blur,
+                "seed": self.seed}
 
     def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
         return {}
@@ -90,7 +91,8 @@ class ForwardForward(LocalRule):
     def context(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Any:
         """The negatives' pass through layer 0; `next_context` carries it up."""
         w, b = layer_params(params, 0)
-        return {"layers": net.layers, "neg": layer_forward(net.layers[0], w, b, self.negatives(x1, x2))}
+        neg = layer_forward(net.layers[0], w, b, self.negatives(x1, x2))
+        return {"layers": net.layers, "neg": neg}
 
     def next_input(self, i: int, y: Tensor) -> Tensor:
         dims = tuple(range(1, y.dim()))
@@ -113,19 +115,17 @@ class ForwardForward(LocalRule):
         params: dict[str, Tensor],
         ctx: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        on: LayerOut = ctx["neg"]
         n, th = o1.y.shape[0], self.threshold
-        gw = gb = None
-        loss = o1.y.new_zeros(())
-        for o, sign, weight in ((o1, 1.0, 0.5), (o2, 1.0, 0.5), (on, -1.0, 1.0)):
-            margin = sign * (th - goodness(o.y))  # softplus(margin) is this stream's loss
+        loss, gws, gbs = o1.y.new_zeros(()), [], []
+        for o, sign, weight in ((o1, 1.0, 0.5), (o2, 1.0, 0.5), (ctx["neg"], -1.0, 1.0)):
+            margin = sign * (th - goodness(o.y))  # this stream's loss is softplus(margin)
             loss = loss + weight * F.softplus(margin).mean()
-            dg = -sign * weight * torch.sigmoid(margin) / n  # dL/dg per sample
-            f = o.y[0].numel()
-            gy = dg.view(-1, *([1] * (o.y.dim() - 1))) * 2 * o.y / f
-            w_, b_ = layer_backward(layer, o, gy)
-            gw, gb = (w_, b_) if gw is None else (gw + w_, gb + b_)
-        return {f"enc.{i}.w": gw, f"enc.{i}.b": gb}, loss
+            dg = -sign * weight * torch.sigmoid(margin) / n  # dL/dg, per sample
+            gy = dg.view(-1, *([1] * (o.y.dim() - 1))) * (2 / o.y[0].numel()) * o.y
+            gw, gb = layer_backward(layer, o, gy)
+            gws.append(gw)
+            gbs.append(gb)
+        return {f"enc.{i}.w": sum(gws), f"enc.{i}.b": sum(gbs)}, loss
 
     def layer_loss(
         self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any

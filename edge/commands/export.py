@@ -1,0 +1,110 @@
+"""`edge export`: write a training bundle (ONNX step graphs + manifest + state), or check one.
+
+    edge export --rule clapp++ --data digits --width 0.25 --batch-size 16 --per-layer -o DIR
+    edge export --check DIR [--json]
+
+Mounted by the CLI as `app.command(name="export")(export_cmd)`. Every failure is an
+EdgeError (the CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edge.errors import EdgeError
+
+# input shape (C, H, W) of each data set, so exporting needs no data on disk
+IN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+}
+
+
+def _hparams(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise EdgeError(f"--hp expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _target_warnings(target: Any, quant: dict | None) -> list[str]:
+    if target is None or quant is not None or "fp32" in target.dtypes:
+        return []
+    return [f"target {target.name!r} lists no fp32 ({', '.join(target.dtypes)}): this fp32 "
+            "bundle will not run natively there; integer mode is needed"]
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(f"{key:>14}: {value}")
+
+
+def export_cmd(
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Bundle directory to write.")]
+    = None,
+    check: Annotated[Path | None, typer.Option(help="Validate the bundle in DIR instead.")]
+    = None,
+    target: Annotated[str | None, typer.Option(help="Device target name or .toml file.")] = None,
+    rule: Annotated[str, typer.Option(help="Local learning rule.")] = "clapp++",
+    data: Annotated[str, typer.Option(help="digits | mnist | cifar10 (sets the input shape).")]
+    = "digits",
+    net: Annotated[str | None, typer.Option(help="vgg6 | digits | mnist | mlp.")] = None,
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Images per step (fixed in the graph).")] = 64,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the rule's).")]
+    = None,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD).")] = 0.0,
+    hp: Annotated[list[str], typer.Option(help="Rule hyper-parameter key=value.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
+    per_layer: Annotated[bool, typer.Option(help="Also write one step graph per layer.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Export a local rule's training step as ONNX (a bundle a device trains with), or check one."""
+    from export.bundle import check_bundle, summary, write_bundle
+
+    if (out is None) == (check is None):
+        raise EdgeError("give either -o DIR (write a bundle) or --check DIR (validate one)")
+    if check is not None:
+        manifest = check_bundle(check)
+        _print({"bundle": str(check), "ok": True, **summary(manifest)}, as_json)
+        return
+    from edge.train import TrainConfig, build, initial_params
+
+    if data not in IN_SHAPES:
+        raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
+    cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      weight_decay=weight_decay, seed=seed, net=net, width=width,
+                      rule_hparams=_hparams(hp))
+    spec, learning_rule = build(cfg, IN_SHAPES[data])
+    opt = cfg.optim()
+    params = initial_params(cfg, spec, learning_rule)
+    state = opt.init_state(params)
+    tgt = None
+    if target is not None:
+        import targets
+
+        tgt = targets.load(target)
+    assert out is not None
+    manifest = write_bundle(out, spec, learning_rule, opt, params, state, batch_size,
+                            target=tgt, per_layer=per_layer)
+    result = {"bundle": str(out), **summary(manifest),
+              "warnings": _target_warnings(tgt, manifest.quant)}
+    _print(result, as_json)

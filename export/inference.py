@@ -1,0 +1,201 @@
+"""Inference graphs of the encoder: fp32 ONNX, and int8 QCDQ / QONNX through Brevitas.
+
+    encoder_graph(net, params, outputs="all"|"last", weights="baked"|"inputs")
+        -> (onnx.ModelProto, GraphIO)          fp32; input x (dynamic batch N), outputs y0.. or y
+    quant_encoder(net, params, calib)  -> nn.Module    Brevitas, fixed-point (power-of-two)
+                                                       scales calibrated on `calib`, then frozen
+    qcdq_graph(qmodel, example, path)  -> onnx.ModelProto   QuantizeLinear/Clip/DequantizeLinear
+    qonnx_graph(qmodel, example, path) -> onnx.ModelProto   qonnx.custom_op.general::Quant
+
+`weights="inputs"` takes the encoder weights as graph inputs named like the training graph's
+(`params/enc.{i}.*`), so a bundle's inference graph runs on whatever the device trained.
+If the quant package provides `quant.layers.quant_encoder(net, params, calib, bits)`, it
+builds the Brevitas model; otherwise the local builder here does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from edge.errors import EdgeError
+from edge.nets import NetSpec, layer_forward, layer_params
+from export.manifest import PARAMS, GraphIO
+from export.trace import check_model, export_function, value_specs
+
+INFER_FILE = "infer.onnx"
+OUTPUTS = ("all", "last")
+WEIGHTS = ("baked", "inputs")
+
+
+def output_names(net: NetSpec, outputs: str) -> list[str]:
+    if outputs not in OUTPUTS:
+        raise EdgeError(f"unknown encoder outputs {outputs!r}; valid: {', '.join(OUTPUTS)}")
+    return [f"y{i}" for i in range(len(net.layers))] if outputs == "all" else ["y"]
+
+
+def encoder_graph(
+    net: NetSpec,
+    params: dict[str, Tensor],
+    outputs: str = "all",
+    weights: str = "baked",
+    batch_size: int | None = None,
+) -> tuple[onnx.ModelProto, GraphIO]:
+    """fp32 encoder; `batch_size=None` leaves the batch axis dynamic (`N`)."""
+    if weights not in WEIGHTS:
+        raise EdgeError(f"unknown weights mode {weights!r}; valid: {', '.join(WEIGHTS)}")
+    names = output_names(net, outputs)
+    enc = {k: v.detach() for k, v in params.items() if k.startswith("enc.")}
+    inputs: dict[str, Tensor] = {"x": torch.zeros((batch_size or 2, *net.in_shape))}
+    if weights == "inputs":
+        inputs.update({PARAMS + k: v for k, v in enc.items()})
+
+    def fn(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        p = {k: t[PARAMS + k] for k in enc} if weights == "inputs" else enc
+        x, ys = t["x"], []
+        for i, layer in enumerate(net.layers):
+            w, b = layer_params(p, i)
+            x = layer_forward(layer, w, b, x).y
+            ys.append(x)
+        return dict(zip(names, ys, strict=False)) if outputs == "all" else {"y": ys[-1]}
+
+    dynamic = None
+    if batch_size is None:
+        dynamic = {"x": {0: "N"}, **{n: {0: "N"} for n in names}}
+    model = export_function(fn, inputs, names, dynamic_axes=dynamic)
+    io = GraphIO(INFER_FILE, value_specs(model.graph.input), value_specs(model.graph.output))
+    return model, io
+
+
+# ------------------------------------------------------------------------------ Brevitas
+
+
+class QuantEncoder(nn.Module):
+    """int8 input, int8 fixed-point weights, int32 biases, uint8 fixed-point ReLU outputs."""
+
+    def __init__(self, net: NetSpec, params: dict[str, Tensor], bits: int = 8):
+        super().__init__()
+        from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+        from brevitas.quant import (
+            Int8ActPerTensorFixedPoint,
+            Int8WeightPerTensorFixedPoint,
+            Int32Bias,
+            Uint8ActPerTensorFixedPoint,
+        )
+
+        bw = {"bit_width": bits}
+        self.pools = [layer.pool for layer in net.layers]
+        self.kinds = [layer.kind for layer in net.layers]
+        self.inp = QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True,
+                                 **bw)
+        self.layers, self.acts = nn.ModuleList(), nn.ModuleList()
+        for i, layer in enumerate(net.layers):
+            common = {"weight_quant": Int8WeightPerTensorFixedPoint, "bias_quant": Int32Bias,
+                      "return_quant_tensor": True, "weight_bit_width": bits}
+            if layer.kind == "conv":
+                mod = QuantConv2d(layer.in_features, layer.out_features, 3, padding=1, **common)
+            else:
+                mod = QuantLinear(layer.in_features, layer.out_features, bias=True, **common)
+            w, b = layer_params(params, i)
+            with torch.no_grad():
+                mod.weight.copy_(w)
+                mod.bias.copy_(b)
+            self.layers.append(mod)
+            self.acts.append(QuantReLU(act_quant=Uint8ActPerTensorFixedPoint,
+                                       return_quant_tensor=True, **bw))
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        h, outs = self.inp(x), []
+        for kind, pool, mod, act in zip(self.kinds, self.pools, self.layers, self.acts,
+                                        strict=True):
+            if kind == "linear":
+                h = h.flatten(1)
+            h = act(mod(h))
+            if pool:
+                h = self.pool(h)
+            outs.append(h)
+        return tuple(getattr(o, "value", o) for o in outs)
+
+
+def quant_encoder(
+    net: NetSpec, params: dict[str, Tensor], calib: Tensor, bits: int = 8
+) -> nn.Module:
+    """A Brevitas model of the encoder with activation scales calibrated on `calib`, frozen."""
+    try:
+        from quant import layers as quant_layers  # the integer-mode package, when present
+    except ImportError:
+        quant_layers = None
+    if quant_layers is not None and hasattr(quant_layers, "quant_encoder"):
+        return quant_layers.quant_encoder(net, params, calib, bits)
+    from brevitas.graph.calibrate import calibration_mode
+
+    if bits < 2 or bits > 8:
+        raise EdgeError(f"int export supports 2..8 bits, got {bits}")
+    with _quiet():
+        model = QuantEncoder(net, params, bits).eval()
+        with torch.no_grad(), calibration_mode(model):
+            model(calib)
+        model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _brevitas_export(kind: str, model: nn.Module, example: Tensor, path: Path,
+                     n_out: int, dynamic_batch: bool) -> onnx.ModelProto:
+    from brevitas.export import export_onnx_qcdq, export_qonnx
+
+    fn = export_onnx_qcdq if kind == "qcdq" else export_qonnx
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f"y{i}" for i in range(n_out)]
+    dynamic = {"x": {0: "N"}, **{n: {0: "N"} for n in names}} if dynamic_batch else None
+    with _quiet(), torch.no_grad():
+        try:  # 0.13.4 returns None: the model is only in the file
+            fn(model, args=example, export_path=str(path), dynamo=False, input_names=["x"],
+               output_names=names, dynamic_axes=dynamic)
+        except Exception as e:
+            raise EdgeError(f"Brevitas {kind} export failed: {type(e).__name__}: {e}") from None
+    return onnx.load(str(path))
+
+
+def qcdq_graph(model: nn.Module, example: Tensor, path: str | Path) -> onnx.ModelProto:
+    """int8 QCDQ ONNX (standard ops only) written to `path` and returned."""
+    with torch.no_grad():
+        n_out = len(model(example))
+    onnx_model = _brevitas_export("qcdq", model, example, Path(path), n_out, True)
+    check_model(onnx_model)
+    return onnx_model
+
+
+def qonnx_graph(model: nn.Module, example: Tensor, path: str | Path) -> onnx.ModelProto:
+    """QONNX (Quant nodes in the qonnx.custom_op.general domain: FINN and friends), with the
+    example's static batch size (FINN and qonnx's executor want static shapes)."""
+    with torch.no_grad():
+        n_out = len(model(example))
+    onnx_model = _brevitas_export("qonnx", model, example, Path(path), n_out, False)
+    check_model(onnx_model, standard_only=False)
+    return onnx_model
+
+
+def run_qonnx(model: onnx.ModelProto, x: Any) -> list[Any]:
+    """Execute a QONNX graph with qonnx's reference executor (slow; for checks)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    wrapped = cleanup_model(ModelWrapper(model))
+    out = execute_onnx(wrapped, {wrapped.graph.input[0].name: x})
+    return [out[o.name] for o in wrapped.graph.output]

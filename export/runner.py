@@ -1,0 +1,302 @@
+"""Run exported graphs: one `Runner` over onnxruntime or OpenVINO, and steppers on top.
+
+    Runner(model_or_path, runtime="onnxruntime", provider="CPUExecutionProvider", threads=2)
+    Runner(model_or_path, runtime="openvino", device="CPU", threads=2)
+    runner.run({name: ndarray}) -> {name: ndarray}
+
+    OnnxStepper(net, rule, opt, runtime=...)(params, state, x1, x2) -> (params', state', metrics)
+    make_stepper(runtime, net, rule, opt)  # "torch" gives edge.step.train_step itself
+
+OpenVINO is imported lazily (an optional extra) and compiled with INFERENCE_PRECISION_HINT
+f32: its CPU default is bf16, far from torch's numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor
+
+from edge.errors import EdgeError
+from edge.nets import NetSpec
+from edge.optim import OptimConfig
+from export.manifest import NEW_PARAMS, NEW_STATE, PARAMS, STATE, GraphIO
+from export.program import StepProgram
+from export.training_step import NOISE
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+OPENVINO_EXTRA = 'pip install -e ".[openvino]"'
+Arrays = dict[str, np.ndarray]
+
+
+def _model_bytes(model: onnx.ModelProto | str | Path) -> bytes:
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    path = Path(model)
+    if not path.is_file():
+        raise EdgeError(f"no ONNX model at {path}")
+    return path.read_bytes()
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def check_provider(provider: str) -> None:
+    available = ort_providers()
+    if provider not in available:
+        raise EdgeError(
+            f"onnxruntime execution provider {provider!r} is not available; "
+            f"available: {', '.join(available)}"
+        )
+
+
+def openvino_devices() -> list[str]:
+    return list(_openvino().Core().available_devices)
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise EdgeError(f"the openvino runtime is not installed; {OPENVINO_EXTRA}") from None
+    return openvino
+
+
+class Runner:
+    """One compiled graph on one runtime; `run` maps input names to arrays and back."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | Path,
+        runtime: str = "onnxruntime",
+        provider: str | None = None,
+        device: str | None = None,
+        threads: int = 2,
+    ):
+        if runtime not in RUNTIMES[1:]:
+            raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
+        if threads < 1:
+            raise EdgeError(f"threads must be positive, got {threads}")
+        self.runtime, self.threads = runtime, threads
+        blob = _model_bytes(model)
+        if runtime == "onnxruntime":
+            self._init_ort(blob, provider or "CPUExecutionProvider")
+        else:
+            self._init_openvino(blob, device or "CPU")
+
+    def _init_ort(self, blob: bytes, provider: str) -> None:
+        import onnxruntime
+
+        check_provider(provider)
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider"
+                                  else [])
+        self.device = provider
+        self._sess = onnxruntime.InferenceSession(blob, opts, providers=providers)
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self._shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                        for i in self._sess.get_inputs()}
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def _init_openvino(self, blob: bytes, device: str) -> None:
+        ov = _openvino()
+        core = ov.Core()
+        available = list(core.available_devices)
+        if device not in available:
+            raise EdgeError(
+                f"OpenVINO device {device!r} is not available; available: {', '.join(available)}"
+            )
+        with tempfile.TemporaryDirectory() as tmp:  # read_model wants a file for ONNX
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(blob)
+            model = core.read_model(str(path))
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads}
+        if device != "CPU":
+            config.pop("INFERENCE_NUM_THREADS")
+        self.device = device
+        self._compiled = core.compile_model(model, device, config)
+        self._request = self._compiled.create_infer_request()
+        graph = onnx.load_model_from_string(blob).graph
+        self.input_names = [i.name for i in graph.input]
+        self.output_names = [o.name for o in graph.output]
+        # a port may carry several tensor names (OpenVINO merges names when it fuses ops)
+        self._in_ports = _ports(self._compiled.inputs, self.input_names)
+        self._out_ports = _ports(self._compiled.outputs, self.output_names)
+        self._shapes = {
+            n: tuple(d.get_length() if d.is_static else None
+                     for d in self._compiled.inputs[i].get_partial_shape())
+            for n, i in self._in_ports.items()
+        }
+
+    def run(self, feeds: dict[str, Any]) -> Arrays:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise EdgeError(f"missing graph inputs: {', '.join(missing)}")
+        arrays = {n: np.asarray(_numpy(feeds[n]), order="C") for n in self.input_names}
+        for n, a in arrays.items():
+            want = self._shapes[n]
+            ok = len(want) == a.ndim and all(
+                w in (None, s) for w, s in zip(want, a.shape, strict=True)
+            )
+            if not ok:
+                shown = [w if w is not None else "?" for w in want]
+                raise EdgeError(f"input {n} has shape {list(a.shape)}, the graph wants {shown}")
+        if self.runtime == "onnxruntime":
+            outs = self._sess.run(self.output_names, arrays)
+            return dict(zip(self.output_names, outs, strict=True))
+        self._request.infer({self._in_ports[n]: a for n, a in arrays.items()})
+        return {
+            name: np.array(self._request.get_output_tensor(i).data, copy=True)
+            for name, i in self._out_ports.items()
+        }
+
+
+def _ports(ports: Any, names: list[str]) -> dict[str, int]:
+    """Graph tensor name -> index of the compiled model's port that carries it."""
+    out = {}
+    for name in names:
+        found = [i for i, p in enumerate(ports) if name in p.get_names()]
+        if not found:
+            raise EdgeError(f"OpenVINO lost the graph tensor {name!r} while compiling")
+        out[name] = found[0]
+    return out
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def apply_bindings(carried: Arrays, outputs: Arrays, io: GraphIO) -> None:
+    """Feed a graph's new_* outputs back under the input names they replace."""
+    for out, inp in io.bindings:
+        carried[inp] = outputs[out]
+
+
+def run_layer_chain(
+    runners: list[Runner], ios: list[GraphIO], carried: Arrays, x1: Any, x2: Any,
+    noise: np.ndarray | None = None,
+) -> tuple[Arrays, np.ndarray]:
+    """One whole step through the per-layer graphs: y of layer i is x of layer i+1; the
+    bindings apply after the last layer. Returns (new carried inputs, per-layer losses)."""
+    new, losses = dict(carried), []
+    for runner, io in zip(runners, ios, strict=True):
+        feeds = {n: carried[n] for n in runner.input_names if n not in ("x1", "x2", NOISE)}
+        feeds.update({"x1": x1, "x2": x2})
+        if NOISE in runner.input_names:
+            feeds[NOISE] = noise
+        outs = runner.run(feeds)
+        x1, x2 = outs["y1"], outs["y2"]
+        losses.append(outs["loss"])
+        apply_bindings(new, outs, io)
+    return new, np.stack(losses)
+
+
+Step = Callable[..., tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]]
+
+
+class OnnxStepper:
+    """`edge.step.train_step` for a fixed net/rule/opt, run as an exported graph.
+
+    The graph is exported at the first call (its batch size and the parameter and state
+    shapes fixed from that call) and re-exported if they ever change. `per_layer=True`
+    runs the per-layer graphs in a chain instead of the whole-step graph.
+    """
+
+    def __init__(
+        self, net: NetSpec, rule: Any, opt: OptimConfig, runtime: str = "onnxruntime",
+        provider: str | None = None, device: str | None = None, threads: int = 2,
+        per_layer: bool = False, program: StepProgram | None = None, seed: int = 0,
+    ):
+        if runtime not in RUNTIMES[1:]:
+            raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
+        self.net, self.rule, self.opt, self.program = net, rule, opt, program
+        self.runner_args = {"runtime": runtime, "provider": provider, "device": device,
+                            "threads": threads}
+        self.per_layer = per_layer
+        self.rng = np.random.default_rng(seed)  # noise bits, when the program rounds
+        self._key: tuple | None = None
+        self._runners: list[Runner] = []
+        self._ios: list[GraphIO] = []
+        if runtime == "openvino":
+            _openvino()  # fail now, not at the first step
+        elif provider is not None:
+            check_provider(provider)
+
+    def _build(self, params: dict[str, Tensor], state: dict[str, Tensor], batch: int) -> None:
+        from export.layers import layer_step_graphs
+        from export.training_step import training_step
+
+        if self.per_layer:
+            models, self._ios = layer_step_graphs(self.net, self.rule, self.opt, params, state,
+                                                  batch, program=self.program)
+        else:
+            model, manifest = training_step(self.net, self.rule, self.opt, params, state, batch,
+                                            program=self.program)
+            models, self._ios = [model], [manifest.step]
+        self._runners = [Runner(m, **self.runner_args) for m in models]
+
+    def _noise(self) -> np.ndarray | None:
+        spec = next((t for io in self._ios for t in io.inputs if t.name == NOISE), None)
+        if spec is None:
+            return None
+        info = np.iinfo(spec.dtype) if np.issubdtype(spec.dtype, np.integer) else None
+        if info is None:
+            return self.rng.random(spec.shape, dtype=spec.dtype)
+        return self.rng.integers(info.min, info.max, spec.shape, dtype=spec.dtype, endpoint=True)
+
+    def __call__(
+        self, params: dict[str, Tensor], state: dict[str, Tensor], x1: Tensor, x2: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        key = (tuple((k, tuple(v.shape)) for k, v in params.items()),
+               tuple((k, tuple(v.shape)) for k, v in state.items()), tuple(x1.shape))
+        if key != self._key:
+            self._build(params, state, int(x1.shape[0]))
+            self._key = key
+        carried = {PARAMS + k: _numpy(v) for k, v in params.items()}
+        carried.update({STATE + k: _numpy(v) for k, v in state.items()})
+        noise = self._noise()
+        if self.per_layer:
+            new, layer_loss = run_layer_chain(self._runners, self._ios, carried, _numpy(x1),
+                                              _numpy(x2), noise)
+            metrics = {"loss": torch.from_numpy(np.asarray(layer_loss.sum())),
+                       "layer_loss": torch.from_numpy(layer_loss)}
+        else:
+            feeds = {**carried, "x1": x1, "x2": x2}
+            if noise is not None:
+                feeds[NOISE] = noise
+            outs = self._runners[0].run(feeds)
+            new = dict(carried)
+            apply_bindings(new, outs, self._ios[0])
+            metrics = {k: torch.from_numpy(np.asarray(v)) for k, v in outs.items()
+                       if not k.startswith((NEW_PARAMS, NEW_STATE))}
+        new_params = {k: torch.from_numpy(np.asarray(new[PARAMS + k])) for k in params}
+        new_state = {k: torch.from_numpy(np.asarray(new[STATE + k])) for k in state}
+        return new_params, new_state, metrics
+
+
+def make_stepper(
+    runtime: str, net: NetSpec, rule: Any, opt: OptimConfig, **kwargs: Any
+) -> Step:
+    """`stepper(params, state, x1, x2)` on the named runtime: torch is the eager step."""
+    if runtime == "torch":
+        from edge.step import train_step
+
+        return functools.partial(train_step, net, rule, opt)
+    if runtime not in RUNTIMES:
+        raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    return OnnxStepper(net, rule, opt, runtime=runtime, **kwargs)

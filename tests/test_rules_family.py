@@ -1,0 +1,138 @@
+"""The rule family beyond its gradients: registry, bad input, direct feedback, Forward-Forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge import rules
+from edge.errors import EdgeError
+from edge.nets import LayerSpec, NetSpec, encode, init_params, layer_forward, layer_params, mlp
+from edge.rules.base import avg_pool
+from edge.rules.ff import blur_masks, goodness
+
+ALL = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff", "bp-infonce", "bp-clapp++"]
+NET = NetSpec("t", (1, 8, 8), (LayerSpec("conv", 1, 4, pool=True), LayerSpec("conv", 4, 6)))
+
+
+def views(seed: int = 0, n: int = 8, shape=(1, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, *shape, generator=g)
+    return x1, x1 + 0.1 * torch.randn(x1.shape, generator=g)
+
+
+def test_registry_lists_every_rule_with_a_description() -> None:
+    assert rules.names() == ALL
+    for d in rules.describe():
+        assert set(d) == {"name", "description", "local", "memory"}
+        assert d["description"] and d["memory"] and "\n" not in d["description"]
+        assert d["local"] == (not d["name"].startswith("bp-"))
+
+
+def test_unknown_rule_and_bad_hparams_are_one_line_errors() -> None:
+    with pytest.raises(EdgeError, match="valid: clapp, clapp\\+\\+"):
+        rules.get("nope")
+    with pytest.raises(EdgeError, match="bad hyper-parameters"):
+        rules.get("clapp", pool=2)  # the 2021 rule pools globally: no kernel to choose
+
+
+@pytest.mark.parametrize("name", ["clapp++dfb", "clapp++both"])
+def test_direct_feedback_needs_two_layers(name: str) -> None:
+    net = NetSpec("one", (1, 8, 8), (LayerSpec("conv", 1, 4),))
+    with pytest.raises(EdgeError) as e:
+        rules.get(name).check(net)
+    msg = str(e.value)
+    assert "at least 2 layers" in msg and "clapp++" in msg and "\n" not in msg
+    rules.get("clapp++").check(net)  # the error's suggestion works
+    rules.get("clapp").check(net)
+
+
+@pytest.mark.parametrize("name", ["clapp++", "clapp++dfb", "clapp++both"])
+def test_pooling_kernel_larger_than_the_map_is_refused(name: str) -> None:
+    with pytest.raises(EdgeError, match=r"does not fit layer 0's 4x4 output; use 1\.\.4"):
+        rules.get(name, pool=5).check(NET)
+
+
+def test_clapp_predictor_is_channels_by_channels() -> None:
+    rule = rules.get("clapp")
+    params = rule.init(NET, torch.Generator().manual_seed(0))
+    assert {k: tuple(v.shape) for k, v in params.items()} == {
+        "rule.0.B": (4, 4), "rule.1.B": (6, 6)
+    }
+
+
+def test_direct_feedback_context_is_the_pooled_top_of_both_views() -> None:
+    rule = rules.get("clapp++dfb", pool=1)
+    gen = torch.Generator().manual_seed(0)
+    params = init_params(NET, gen)
+    params.update(rule.init(NET, gen))
+    x1, x2 = views()
+    c1, c2 = rule.context(NET, params, x1, x2)
+    assert torch.equal(c1, avg_pool(encode(NET, params, x1)[-1], 1))
+    assert torch.equal(c2, avg_pool(encode(NET, params, x2)[-1], 1))
+    # B^l maps the top code (Dc = 6*4*4) to layer l's code (D = 4*4*4 for layer 0).
+    assert params["rule.0.fb.B"].shape == (64, 96) and params["rule.1.fb.B"].shape == (96, 96)
+    # context needs no gradient and leaves none behind, even from parameters that carry one
+    leafy = {k: v.requires_grad_(True) for k, v in params.items()}
+    assert not any(c.requires_grad for c in rule.context(NET, leafy, x1, x2))
+
+
+def test_ff_negatives_are_hybrids_of_two_images() -> None:
+    rule = rules.get("ff")
+    x1, x2 = views(n=5, shape=(1, 28, 28))
+    xn = rule.negatives(x1, x2)
+    partner = torch.roll(x2, 1, 0)
+    from_x1, from_partner = xn == x1, xn == partner
+    assert bool((from_x1 | from_partner).all())
+    share = from_x1.float().mean((1, 2, 3))
+    assert bool(((share > 0.1) & (share < 0.9)).all())  # both images show
+    assert torch.equal(xn, rule.negatives(x1, x2))  # a pure function of the batch
+    assert not torch.equal(rule.mask_bank(28, 28)[0], rule.mask_bank(28, 28)[1])
+
+
+def test_ff_masks_are_smooth_blobs() -> None:
+    m = blur_masks(32, 28, 28, 5, torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) == {0.0, 1.0}
+    flips = (m[..., 1:] != m[..., :-1]).float().mean()
+    assert float(flips) < 0.15  # random bits would flip half the time
+
+
+def test_ff_hands_on_length_normalised_activity() -> None:
+    rule = rules.get("ff")
+    y = torch.rand(4, 3, 5, 5) * torch.tensor([0.5, 1.0, 5.0, 20.0]).view(4, 1, 1, 1)
+    z = rule.next_input(0, y)
+    assert torch.allclose(goodness(z), torch.ones(4), atol=1e-4)  # goodness is gone
+    assert torch.allclose(rule.next_input(0, 7.0 * y), z, atol=1e-5)  # direction stays
+    assert torch.allclose(z / z.flatten(1).norm(dim=1).view(4, 1, 1, 1),
+                          y / y.flatten(1).norm(dim=1).view(4, 1, 1, 1), atol=1e-5)
+
+
+def test_ff_context_carries_the_negatives_up_one_layer_at_a_time() -> None:
+    rule = rules.get("ff")
+    gen = torch.Generator().manual_seed(0)
+    params = init_params(NET, gen)
+    x1, x2 = views()
+    ctx0 = rule.context(NET, params, x1, x2)
+    assert torch.equal(ctx0["neg"].x, rule.negatives(x1, x2))
+    ctx1 = rule.next_context(0, params, ctx0)
+    w, b = layer_params(params, 1)
+    want = layer_forward(NET.layers[1], w, b, rule.next_input(0, ctx0["neg"].y))
+    assert torch.equal(ctx1["neg"].y, want.y)
+    assert rule.next_context(1, params, ctx1) is ctx1  # nothing above the top
+
+
+def test_ff_on_a_linear_net() -> None:
+    net = mlp([16, 8], (1, 8, 8))
+    rule = rules.get("ff", threshold=0.5)
+    params = init_params(net, torch.Generator().manual_seed(0))
+    x1, x2 = views()
+    ctx = rule.context(net, params, x1, x2)
+    w, b = layer_params(params, 0)
+    o1, o2 = layer_forward(net.layers[0], w, b, x1), layer_forward(net.layers[0], w, b, x2)
+    grads, loss = rule.layer_grads(0, net.layers[0], o1, o2, params, ctx)
+    assert grads["enc.0.w"].shape == (16, 64) and torch.isfinite(loss)
+
+
+def test_ff_bad_hparams() -> None:
+    with pytest.raises(EdgeError, match="at least 1 mask"):
+        rules.get("ff", masks=0)
