@@ -25,8 +25,8 @@ FILENAME = "checkpoint.safetensors"
 
 def save(path: Path, params: dict[str, Tensor], state: dict[str, Tensor], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param/{k}": v.contiguous() for k, v in params.items()}
-    tensors.update({f"state/{k}": v.contiguous() for k, v in state.items()})
+    tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in params.items()}
+    tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

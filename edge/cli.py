@@ -75,6 +75,7 @@ def train(
     hp: Annotated[list[str], typer.Option(help="Rule hyper-parameter key=value (repeatable).")] = [],  # noqa: B006
     probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
+    device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
     data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
@@ -87,7 +88,7 @@ def train(
     cfg = TrainConfig(
         rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
-        rule_hparams=_parse_hparams(hp), probe_layers=probe_layers,
+        rule_hparams=_parse_hparams(hp), probe_layers=probe_layers, device=device,
     )
     out = out or Path("runs") / f"{rule}-{data}"
     result = run(cfg, out, data_dir=data_dir, resume=resume, progress=not as_json)

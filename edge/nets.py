@@ -200,7 +200,7 @@ def layer_backward(layer: LayerSpec, out: LayerOut, gy: Tensor) -> tuple[Tensor,
     if out.pool_idx is not None:
         h, w = out.x.shape[2], out.x.shape[3]
         idxT = out.pool_idx.transpose(0, 1).reshape(c, n, -1)
-        eT = torch.zeros(c, n, h * w, dtype=gy.dtype)
+        eT = torch.zeros(c, n, h * w, dtype=gy.dtype, device=gy.device)
         eT = eT.scatter_(2, idxT, gT.reshape(c, n, -1)).view(c, n, h, w)
     else:
         eT = gT.contiguous()

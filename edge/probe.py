@@ -33,8 +33,9 @@ def extract(
     if layers not in LAYER_CHOICES:
         raise EdgeError(f"unknown probe layers {layers!r}; valid: {', '.join(LAYER_CHOICES)}")
     chunks = []
+    device = params["enc.0.w"].device
     for start in range(0, x.shape[0], batch_size):
-        outs = encode(net, params, to_float(x[start : start + batch_size], ds))
+        outs = encode(net, params, to_float(x[start : start + batch_size], ds).to(device))
         if layers == "last":
             outs = outs[-1:]
         feats = []
@@ -58,8 +59,8 @@ def fit_linear(
     """Test accuracy of a softmax regression fit on standardised training features."""
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
     a, b = (f_train - mu) / sd, (f_test - mu) / sd
-    w = torch.zeros(a.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    w = torch.zeros(a.shape[1], num_classes, device=a.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=a.device, requires_grad=True)
     opt = torch.optim.LBFGS(
         [w, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
     )
@@ -82,4 +83,5 @@ def probe_accuracy(
 ) -> float:
     f_tr = extract(net, params, ds.x_train, ds, layers, pool)
     f_te = extract(net, params, ds.x_test, ds, layers, pool)
-    return fit_linear(f_tr, ds.y_train, f_te, ds.y_test, ds.num_classes)
+    device = f_tr.device
+    return fit_linear(f_tr, ds.y_train.to(device), f_te, ds.y_test.to(device), ds.num_classes)

@@ -47,6 +47,7 @@ class TrainConfig:
     width: float = 1.0
     rule_hparams: dict[str, Any] = field(default_factory=dict)
     probe_layers: str = "all"
+    device: str = "cpu"  # where the step runs; not part of the run's identity
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -58,6 +59,8 @@ class TrainConfig:
             raise EdgeError(f"unknown data set {self.data!r}; valid: {', '.join(DATASETS)}")
         if self.rule not in rules.names():
             raise EdgeError(f"unknown rule {self.rule!r}; valid: {', '.join(rules.names())}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EdgeError(f"--device {self.device}: no CUDA device here; use --device cpu")
 
     def optim(self) -> OptimConfig:
         lr = self.lr if self.lr is not None else DEFAULT_LR.get(self.rule, 1e-3)
@@ -69,7 +72,8 @@ class TrainConfig:
     def same_run(self, other: TrainConfig) -> bool:
         """Everything but the epoch count must match for a resume to continue the same run."""
         mine, theirs = self.to_dict(), other.to_dict()
-        mine.pop("epochs"), theirs.pop("epochs")
+        for key in ("epochs", "device"):
+            mine.pop(key), theirs.pop(key)
         return mine == theirs
 
 
@@ -108,10 +112,13 @@ def train(
     start, history = 0, []
     if resume and ckpt_path.exists():
         params, state, meta = checkpoint.load(ckpt_path)
-        old = TrainConfig(**meta["config"])
+        old = TrainConfig(**{"device": "cpu", **meta["config"]})
         if not cfg.same_run(old):
             raise EdgeError(f"{ckpt_path} belongs to another run ({old}); use another --out")
         start, history = meta["epoch"], meta["history"]
+    device = torch.device(cfg.device)
+    params = {k: v.to(device) for k, v in params.items()}
+    state = {k: v.to(device) for k, v in state.items()}
     n = ds.x_train.shape[0]
     if n < cfg.batch_size:
         raise EdgeError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
@@ -131,7 +138,7 @@ def train(
             total = 0.0
             for s in range(steps):
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                v1, v2 = two_views(x, gen, views, ds.mean, ds.std)
+                v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
                 params, state, metrics = train_step(net, rule, opt, params, state, v1, v2, donate=True)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
@@ -149,7 +156,8 @@ def train(
             }
             checkpoint.save(ckpt_path, params, state, meta)
     probe = probe_accuracy(net, params, ds, cfg.probe_layers)
-    random_probe = probe_accuracy(net, initial_params(cfg, net, rule), ds, cfg.probe_layers)
+    random = {k: v.to(device) for k, v in initial_params(cfg, net, rule).items()}
+    random_probe = probe_accuracy(net, random, ds, cfg.probe_layers)
     result = {
         "rule": cfg.rule,
         "data": cfg.data,

@@ -230,12 +230,26 @@ class OnnxStepper:
         self.per_layer = per_layer
         self.rng = np.random.default_rng(seed)  # noise bits, when the program rounds
         self._key: tuple | None = None
+        self._fixed = False  # graphs given by from_graphs: never re-exported
         self._runners: list[Runner] = []
         self._ios: list[GraphIO] = []
         if runtime == "openvino":
             _openvino()  # fail now, not at the first step
         elif provider is not None:
             check_provider(provider)
+
+    @classmethod
+    def from_graphs(
+        cls, net: NetSpec, rule: Any, opt: OptimConfig, models: list[onnx.ModelProto],
+        ios: list[GraphIO], **kwargs: Any,
+    ) -> OnnxStepper:
+        """A stepper over graphs already exported: one whole-step graph, or the per-layer
+        graphs in order (then the stepper chains them)."""
+        per_layer = any(t.name == "y1" for t in ios[0].outputs)  # layer graphs pass y on
+        stepper = cls(net, rule, opt, per_layer=per_layer, **kwargs)
+        stepper._runners = [Runner(m, **stepper.runner_args) for m in models]
+        stepper._ios, stepper._fixed = list(ios), True
+        return stepper
 
     def _build(self, params: dict[str, Tensor], state: dict[str, Tensor], batch: int) -> None:
         from export.layers import layer_step_graphs
@@ -264,7 +278,7 @@ class OnnxStepper:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
         key = (tuple((k, tuple(v.shape)) for k, v in params.items()),
                tuple((k, tuple(v.shape)) for k, v in state.items()), tuple(x1.shape))
-        if key != self._key:
+        if key != self._key and not self._fixed:
             self._build(params, state, int(x1.shape[0]))
             self._key = key
         carried = {PARAMS + k: _numpy(v) for k, v in params.items()}

@@ -14,9 +14,10 @@ A failure anywhere is an `EdgeError` naming the operator or tensor.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ def export_function(
     names = list(inputs)
     module = _Flat(fn, names, list(output_names))
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _no_ir_dump():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -84,6 +85,25 @@ def export_function(
         model = _optimize(model)
     check_model(model, names, list(output_names))
     return model
+
+
+@contextlib.contextmanager
+def _no_ir_dump() -> Iterator[None]:
+    """torch 2.x's TorchScript exporter turns its C++ log on for every export (it tests the
+    function `_jit_is_onnx_log_enabled` for truth instead of calling it) and then dumps the
+    whole Torch IR graph to stderr on any failure. Keep that log off; the EdgeError names
+    the operator."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils
+    except ImportError:  # another torch layout: nothing to patch
+        yield
+        return
+    original = utils.setup_onnx_logging
+    utils.setup_onnx_logging = lambda verbose: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        utils.setup_onnx_logging = original
 
 
 def _first_line(e: Exception) -> str:

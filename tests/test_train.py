@@ -54,9 +54,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = t.train_step
     calls = {"n": 0}
 
-    def poisoned(*args):
+    def poisoned(*args, **kw):
         calls["n"] += 1
-        p, s, m = real(*args)
+        p, s, m = real(*args, **kw)
         if calls["n"] > 8:  # 8 steps per epoch: epoch 2 diverges
             m = {**m, "loss": torch.tensor(float("nan"))}
         return p, s, m

@@ -63,6 +63,6 @@ class BPInfoNCE:
         z = F.normalize(F.linear(h, params["head.1.w"], params["head.1.b"]), dim=1)
         n = x1.shape[0]
         sim = z @ z.t() / self.temperature
-        sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+        sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=sim.device), float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
         return F.cross_entropy(sim, target)

@@ -1,0 +1,247 @@
+"""The exported training step: a clean standard-ops graph, equal to the torch step.
+
+Parity norm: for every parameter and state tensor, the relative L2 (Frobenius) error
+||onnx - torch||_2 / ||torch||_2 after 20 steps from the same start on the same views.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edge import rules
+from edge.data import default_views, load, two_views
+from edge.errors import EdgeError
+from edge.nets import init_params, preset
+from edge.optim import OptimConfig
+from edge.rules.clapp_pp import ClappPP
+from edge.step import local_step
+from edge.train import TrainConfig, build, initial_params
+from export.layers import layer_step_graphs
+from export.manifest import NEW_PARAMS, PARAMS, STATE, Manifest
+from export.runner import OnnxStepper, Runner, apply_bindings, run_layer_chain
+from export.trace import nonstandard_ops, op_counts
+from export.training_step import training_step
+
+BATCH, STEPS = 16, 20
+FP32_OPS = {
+    "Add", "AveragePool", "Cast", "Concat", "ConstantOfShape", "Conv", "Div", "Flatten",
+    "Greater", "MatMul", "MaxPool", "Mul", "Pow", "ReduceSum", "Relu", "Reshape",
+    "ScatterElements", "Slice", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze",
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = TrainConfig(width=0.25, batch_size=BATCH)
+    net, rule = build(cfg, (1, 8, 8))
+    opt = cfg.optim()
+    params = initial_params(cfg, net, rule)
+    state = opt.init_state(params)
+    ds = load("digits")
+    gen = torch.Generator().manual_seed(3)
+    views = []
+    for s in range(STEPS):
+        x = ds.x_train[s * BATCH:(s + 1) * BATCH]
+        views.append(two_views(x, gen, default_views("digits"), ds.mean, ds.std))
+    return net, rule, opt, params, state, views
+
+
+@pytest.fixture(scope="module")
+def step_graph(setup):
+    net, rule, opt, params, state, _ = setup
+    return training_step(net, rule, opt, params, state, BATCH)
+
+
+@pytest.fixture(scope="module")
+def torch_run(setup):
+    """20 torch steps: final params, state and every step's loss. One thread: on a busy
+    2-core machine torch's two spinning OpenMP threads can be 50x slower."""
+    net, rule, opt, params, state, views = setup
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x1, x2 in views:
+            params, state, m = local_step(net, rule, opt, params, state, x1, x2)
+            losses.append(m["layer_loss"])
+    finally:
+        torch.set_num_threads(threads)
+    return params, state, torch.stack(losses)
+
+
+@pytest.fixture(scope="module")
+def layer_graphs(setup):
+    net, rule, opt, params, state, _ = setup
+    return layer_step_graphs(net, rule, opt, params, state, BATCH)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A two-layer MLP: quick to export for the error-path tests."""
+    net = preset("mlp", (1, 8, 8), width=0.05)
+    rule = ClappPP()
+    opt = OptimConfig()
+    params = init_params(net, torch.Generator().manual_seed(0))
+    params.update(rule.init(net, torch.Generator().manual_seed(1)))
+    return net, rule, opt, params, opt.init_state(params)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def worst(p1, s1, p2, s2) -> float:
+    return max([rel_err(p2[k], p1[k]) for k in p1] + [rel_err(s2[k], s1[k]) for k in s1])
+
+
+def run_steps(stepper, setup):
+    _, _, _, params, state, views = setup
+    losses = []
+    for x1, x2 in views:
+        params, state, m = stepper(params, state, x1, x2)
+        losses.append(m["layer_loss"])
+    return params, state, torch.stack(losses)
+
+
+def test_graph_uses_standard_ops_only_and_passes_the_checker(step_graph):
+    model, _ = step_graph
+    assert nonstandard_ops(model) == []
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert all(o.version >= 17 for o in model.opset_import)
+    onnx.checker.check_model(model, full_check=True)
+    assert set(op_counts(model)) <= FP32_OPS, set(op_counts(model)) - FP32_OPS
+
+
+def test_pool_backward_and_conv_weight_gradient_export_cleanly(step_graph):
+    model, _ = step_graph
+    g = model.graph
+    made = {o for n in g.node for o in n.output}
+    # max-pool with its argmax indices, and the backward scatter by those indices
+    assert any(n.op_type == "MaxPool" and len(n.output) == 2 and n.output[1] for n in g.node)
+    scatters = [n for n in g.node if n.op_type == "ScatterElements"]
+    assert len(scatters) == 4  # 2 pooling layers x 2 views
+    # weight gradient as a Conv whose "weights" are the error: computed in the graph, neither
+    # an initializer nor a graph input
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    grad_convs = [n for n in convs if n.input[1] in made]
+    assert len(grad_convs) == 6  # 3 layers x 2 views
+    forward = [n for n in convs if n.input[1] not in made]
+    assert {n.input[1] for n in forward} == {f"params/enc.{i}.w" for i in range(3)}
+
+
+def test_manifest_names_the_graph_and_binds_every_param(setup, step_graph):
+    _, _, _, params, state, _ = setup
+    model, manifest = step_graph
+    assert [t.name for t in manifest.inputs] == [i.name for i in model.graph.input]
+    assert [t.name for t in manifest.outputs] == [o.name for o in model.graph.output]
+    assert {i for _, i in manifest.bindings} == {PARAMS + k for k in params} | {
+        STATE + k for k in state}
+    assert manifest.step.input("x1").shape == (BATCH, 1, 8, 8)
+    assert manifest.step.input(PARAMS + "enc.0.w").dtype == "float32"
+    assert [t for t in manifest.outputs if t.name == "layer_loss"][0].shape == (3,)
+    assert manifest.rule == "clapp++" and manifest.quant is None
+    assert Manifest.from_json(manifest.to_json()) == manifest
+
+
+def test_onnxruntime_matches_torch_for_20_steps(setup, step_graph, torch_run):
+    net, rule, opt, *_ = setup
+    model, manifest = step_graph
+    stepper = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step])
+    p, s, losses = run_steps(stepper, setup)
+    tp, ts, tlosses = torch_run
+    assert worst(tp, ts, p, s) < 1e-5
+    assert float(s["step"]) == STEPS and s["step"].shape == ()
+    np.testing.assert_allclose(losses.numpy(), tlosses.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="openvino not installed (pip install -e '.[openvino]')")
+def test_openvino_matches_torch_for_20_steps(setup, step_graph, torch_run):
+    net, rule, opt, *_ = setup
+    model, manifest = step_graph
+    stepper = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step],
+                                      runtime="openvino")
+    p, s, _ = run_steps(stepper, setup)
+    assert worst(*torch_run[:2], p, s) < 1e-4
+
+
+def test_per_layer_chain_equals_whole_step(setup, step_graph, layer_graphs):
+    _, _, _, params, state, views = setup
+    model, manifest = step_graph
+    models, ios = layer_graphs
+    assert [io.file for io in ios] == [f"layers/layer_{i}.onnx" for i in range(3)]
+    for m in models:
+        assert nonstandard_ops(m) == []
+        onnx.checker.check_model(m, full_check=True)
+    # the chain's outputs are exactly the whole step's bound outputs
+    chain_outs = {o for io in ios for o, _ in io.bindings}
+    assert chain_outs == {o for o, _ in manifest.bindings}
+    whole = Runner(model)
+    layers = [Runner(m) for m in models]
+    a = {PARAMS + k: v.numpy() for k, v in params.items()}
+    a.update({STATE + k: v.numpy() for k, v in state.items()})
+    b = dict(a)
+    for x1, x2 in views[:5]:
+        outs = whole.run({**a, "x1": x1, "x2": x2})
+        apply_bindings(a, outs, manifest.step)
+        b, layer_loss = run_layer_chain(layers, ios, b, x1.numpy(), x2.numpy())
+        np.testing.assert_allclose(layer_loss, outs["layer_loss"], rtol=1e-6)
+    for k in a:
+        assert rel_err(torch.from_numpy(b[k]), torch.from_numpy(a[k])) < 1e-6, k
+
+
+def test_per_layer_stepper_matches_torch(setup, layer_graphs, torch_run):
+    net, rule, opt, *_ = setup
+    stepper = OnnxStepper.from_graphs(net, rule, opt, *layer_graphs)
+    assert stepper.per_layer
+    p, s, _ = run_steps(stepper, setup)
+    assert worst(*torch_run[:2], p, s) < 1e-5
+
+
+def test_backprop_baseline_is_refused(setup):
+    net, _, opt, params, state, _ = setup
+    with pytest.raises(EdgeError, match="global backprop"):
+        training_step(net, rules.get("bp-infonce"), opt, params, state, BATCH)
+
+
+def test_batch_of_one_is_refused(setup):
+    net, rule, opt, params, state, _ = setup
+    with pytest.raises(EdgeError, match="at least 2"):
+        training_step(net, rule, opt, params, state, 1)
+
+
+class _Svd(ClappPP):
+    """A rule using an op ONNX cannot express."""
+
+    name = "svd-test"
+
+    def layer_grads(self, i, layer, o1, o2, params, ctx):
+        grads, loss = super().layer_grads(i, layer, o1, o2, params, ctx)
+        return grads, loss + torch.linalg.svdvals(o1.y.flatten(1)).sum()
+
+
+def test_inexpressible_op_is_named(tiny, capfd):
+    net, _, opt, params, state = tiny
+    rule = _Svd()
+    rule.check(net)
+    with pytest.raises(EdgeError, match="svdvals"):
+        training_step(net, rule, opt, params, state, 4)
+    assert "Torch IR graph" not in capfd.readouterr().err
+
+
+def test_untouched_params_pass_through(tiny):
+    """A tensor the rule never updates (a head, say) is still an output, bound to its input
+    and returned unchanged."""
+    net, rule, opt, params, state = tiny
+    params = {**params, "head.w": torch.arange(6.0).view(3, 2)}
+    state = {**state, "m.head.w": torch.zeros(3, 2), "v.head.w": torch.zeros(3, 2)}
+    model, manifest = training_step(net, rule, opt, params, state, 4)
+    assert (NEW_PARAMS + "head.w", PARAMS + "head.w") in manifest.bindings
+    stepper = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step])
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    p, _, _ = stepper(params, state, x, x.flip(0))
+    assert torch.equal(p["head.w"], params["head.w"])
