@@ -8,6 +8,7 @@ A bundle directory holds
     train_step.onnx               the whole training step
     layers/layer_{i}.onnx         per-layer step graphs (with per_layer=True)
     infer.onnx                    fp32 encoder, weights as inputs named like the step's params
+                                  (fp32 bundles only)
     state.npz                     initial values of every bound input (params/*, state/*)
     train_with_onnxruntime.py     standalone trainer: numpy + onnxruntime + the manifest
     manifest.json                 inputs, outputs, bindings, shapes, dtypes, rule, quant,
@@ -59,11 +60,16 @@ def _target_dict(target: Any) -> dict[str, Any] | None:
     return {"name": str(target)}
 
 
-def _prepare_dir(out: Path) -> None:
+def _check_dir(out: Path) -> None:
+    """A new or empty directory, or an earlier bundle (overwritten); nothing else."""
     if out.exists() and not out.is_dir():
         raise EdgeError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise EdgeError(f"{out} is not empty and holds no bundle; choose another directory")
+
+
+def _prepare_dir(out: Path) -> None:
+    _check_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "layers").is_dir():
         shutil.rmtree(out / "layers")  # stale per-layer graphs of an earlier bundle
@@ -92,6 +98,7 @@ def write_bundle(
     program: StepProgram | None = None,
 ) -> Manifest:
     out = Path(out)
+    _check_dir(out)
     model, manifest = training_step(net, rule, opt, params, state, batch_size, program=program,
                                     target=_target_dict(target))
     layer_models: list[onnx.ModelProto] = []
@@ -99,16 +106,20 @@ def write_bundle(
     if per_layer:
         layer_models, layer_ios = layer_step_graphs(net, rule, opt, params, state, batch_size,
                                                     program=program)
-    infer, infer_io = encoder_graph(net, params, outputs="all", weights="inputs")
+    infer, infer_io = None, None
+    if manifest.quant is None:  # integer mode's inference is its own (quant/), not fp32's
+        infer, infer_io = encoder_graph(net, params, outputs="all", weights="inputs")
     _prepare_dir(out)
     onnx.save(model, out / manifest.step.file)
     for m, io in zip(layer_models, layer_ios, strict=True):
         (out / io.file).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(m, out / io.file)
-    onnx.save(infer, out / infer_io.file)
+    if infer is not None and infer_io is not None:
+        onnx.save(infer, out / infer_io.file)
     write_state(out / STATE_FILE, manifest.step, params, state)
     shutil.copyfile(_SCRIPT_SOURCE, out / SCRIPT)
-    files = [manifest.step.file, *(io.file for io in layer_ios), infer_io.file, STATE_FILE, SCRIPT]
+    files = [manifest.step.file, *(io.file for io in layer_ios), STATE_FILE, SCRIPT]
+    files += [infer_io.file] if infer_io else []
     manifest = manifest.with_(
         layers=tuple(layer_ios), infer=infer_io, state_file=STATE_FILE,
         files={f: sha256(out / f) for f in files},

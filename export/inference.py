@@ -2,15 +2,15 @@
 
     encoder_graph(net, params, outputs="all"|"last", weights="baked"|"inputs")
         -> (onnx.ModelProto, GraphIO)          fp32; input x (dynamic batch N), outputs y0.. or y
-    quant_encoder(net, params, calib)  -> nn.Module    Brevitas, fixed-point (power-of-two)
-                                                       scales calibrated on `calib`, then frozen
+    quant_encoder(net, params, calib)  -> nn.Module    quant.layers' Brevitas encoder, power-of-
+                                                       two scales calibrated, then frozen
     qcdq_graph(qmodel, example, path)  -> onnx.ModelProto   QuantizeLinear/Clip/DequantizeLinear
     qonnx_graph(qmodel, example, path) -> onnx.ModelProto   qonnx.custom_op.general::Quant
 
 `weights="inputs"` takes the encoder weights as graph inputs named like the training graph's
 (`params/enc.{i}.*`), so a bundle's inference graph runs on whatever the device trained.
-If the quant package provides `quant.layers.quant_encoder(net, params, calib, bits)`, it
-builds the Brevitas model; otherwise the local builder here does.
+Brevitas 0.13.4: export with dynamo=False (its dynamo path refuses quantized biases); the
+export functions return None, so the model is read back from `path`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from edge.errors import EdgeError
 from edge.nets import NetSpec, layer_forward, layer_params
 from export.manifest import PARAMS, GraphIO
-from export.trace import check_model, export_function, value_specs
+from export.trace import check_model, export_function, one_thread, value_specs
 
 INFER_FILE = "infer.onnx"
 OUTPUTS = ("all", "last")
@@ -76,79 +76,24 @@ def encoder_graph(
 # ------------------------------------------------------------------------------ Brevitas
 
 
-class QuantEncoder(nn.Module):
-    """int8 input, int8 fixed-point weights, int32 biases, uint8 fixed-point ReLU outputs."""
-
-    def __init__(self, net: NetSpec, params: dict[str, Tensor], bits: int = 8):
-        super().__init__()
-        from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
-        from brevitas.quant import (
-            Int8ActPerTensorFixedPoint,
-            Int8WeightPerTensorFixedPoint,
-            Int32Bias,
-            Uint8ActPerTensorFixedPoint,
-        )
-
-        bw = {"bit_width": bits}
-        self.pools = [layer.pool for layer in net.layers]
-        self.kinds = [layer.kind for layer in net.layers]
-        self.inp = QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True,
-                                 **bw)
-        self.layers, self.acts = nn.ModuleList(), nn.ModuleList()
-        for i, layer in enumerate(net.layers):
-            common = {"weight_quant": Int8WeightPerTensorFixedPoint, "bias_quant": Int32Bias,
-                      "return_quant_tensor": True, "weight_bit_width": bits}
-            if layer.kind == "conv":
-                mod = QuantConv2d(layer.in_features, layer.out_features, 3, padding=1, **common)
-            else:
-                mod = QuantLinear(layer.in_features, layer.out_features, bias=True, **common)
-            w, b = layer_params(params, i)
-            with torch.no_grad():
-                mod.weight.copy_(w)
-                mod.bias.copy_(b)
-            self.layers.append(mod)
-            self.acts.append(QuantReLU(act_quant=Uint8ActPerTensorFixedPoint,
-                                       return_quant_tensor=True, **bw))
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        h, outs = self.inp(x), []
-        for kind, pool, mod, act in zip(self.kinds, self.pools, self.layers, self.acts,
-                                        strict=True):
-            if kind == "linear":
-                h = h.flatten(1)
-            h = act(mod(h))
-            if pool:
-                h = self.pool(h)
-            outs.append(h)
-        return tuple(getattr(o, "value", o) for o in outs)
-
-
 def quant_encoder(
-    net: NetSpec, params: dict[str, Tensor], calib: Tensor, bits: int = 8
+    net: NetSpec, params: dict[str, Tensor], calib: Tensor | list[Tensor],
+    per_channel: bool = False,
 ) -> nn.Module:
-    """A Brevitas model of the encoder with activation scales calibrated on `calib`, frozen."""
-    try:
-        from quant import layers as quant_layers  # the integer-mode package, when present
-    except ImportError:
-        quant_layers = None
-    if quant_layers is not None and hasattr(quant_layers, "quant_encoder"):
-        return quant_layers.quant_encoder(net, params, calib, bits)
-    from brevitas.graph.calibrate import calibration_mode
-
-    if bits < 2 or bits > 8:
-        raise EdgeError(f"int export supports 2..8 bits, got {bits}")
+    """The Brevitas encoder of `quant.layers` (int8 input, int8 power-of-two weights, int32
+    biases, uint8 ReLU outputs), its weight scales set from `params` and its activation
+    scales calibrated on `calib` (a batch or a list of batches), all then frozen."""
+    batches = [calib] if isinstance(calib, Tensor) else list(calib)
     with _quiet():
-        model = QuantEncoder(net, params, bits).eval()
-        with torch.no_grad(), calibration_mode(model):
-            model(calib)
-        model.eval()
-    return model
+        from quant.layers import build_quant_encoder, calibrate_encoder
+
+        enc = build_quant_encoder(net, params, per_channel=per_channel)
+        return calibrate_encoder(enc, batches)
 
 
 @contextlib.contextmanager
 def _quiet():
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_thread():
         warnings.simplefilter("ignore")
         yield
 

@@ -5,7 +5,7 @@
 
 Graph i takes layer i's input for both views (`x1`, `x2`), layer i's parameters and their
 optimizer state (`params/enc.{i}.*`, `params/rule.{i}.*`, `state/m.…`, `state/v.…`), the step
-counter `state/step` (the count before this step) and `noise` if the program has one. It
+counter `state/step` (the count before this step) and its `noise/*` bits if any. It
 returns the next layer's input (`y1`, `y2`), the layer's `new_params/*` and `new_state/*` and
 its `loss`. The last graph also returns `new_state/step`. Running the graphs in order, feeding
 y -> x, then applying every graph's bindings, is exactly one whole step: the union of their
@@ -25,8 +25,8 @@ from edge.nets import NetSpec
 from edge.optim import OptimConfig
 from export.manifest import NEW_PARAMS, NEW_STATE, PARAMS, STATE, GraphIO
 from export.program import StepProgram, fp32_program, layer_of, require_local, state_layer_of
-from export.trace import export_function, value_specs
-from export.training_step import NOISE, check_batch
+from export.trace import export_function, one_thread, value_specs
+from export.training_step import check_batch, noise_inputs, take_noise
 
 STEP = "step"
 
@@ -60,7 +60,7 @@ def _layer_function(program: StepProgram, i: int, pnames: list[str], snames: lis
         state = {k: t[STATE + k] for k in snames}
         count = t[STATE + STEP]
         y1, y2, new_params, new_state, loss = program.layer(
-            i, params, state, t["x1"], t["x2"], count, t.get(NOISE)
+            i, params, state, t["x1"], t["x2"], count, take_noise(t)
         )
         out = {"y1": y1, "y2": y2}
         out.update({NEW_PARAMS + k: new_params[k] for k in pnames})
@@ -102,11 +102,10 @@ def layer_step_graphs(
         inputs.update({PARAMS + k: params[k].detach() for k in pnames})
         inputs.update({STATE + k: state[k].detach() for k in snames})
         inputs[STATE + STEP] = state[STEP].detach()
-        if program.noise is not None:
-            spec = program.noise
-            inputs[NOISE] = torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype))
+        inputs.update(noise_inputs(tuple(
+            t for t in program.noise if layer_of(t.name.split("/", 1)[1]) == i)))
         fn = _layer_function(program, i, pnames, snames, last)
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             example = fn(dict(inputs))
         outputs, x1, x2 = list(example), example["y1"], example["y2"]
         model = export_function(fn, inputs, outputs, optimize=optimize)

@@ -8,7 +8,7 @@ them (rule, hyper-parameters, optimizer, network, quantization, target, versions
 bundle it also lists the sha256 of every file.
 
 Naming convention of the training graphs (`export.training_step`):
-  inputs   params/<name>, state/<name>, x1, x2 [, noise]
+  inputs   params/<name>, state/<name>, x1, x2 [, noise/<name>: random bits, stochastic rounding]
   outputs  new_params/<name>, new_state/<name>, loss, layer_loss
   bindings new_params/<name> -> params/<name>, new_state/<name> -> state/<name>
 """
@@ -24,6 +24,7 @@ from edge.errors import EdgeError
 FORMAT = "edge-bundle/1"
 PARAMS, STATE = "params/", "state/"
 NEW_PARAMS, NEW_STATE = "new_params/", "new_state/"
+NOISE = "noise/"
 DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -103,6 +104,7 @@ class Manifest:
     versions: dict[str, str]
     quant: dict[str, Any] | None = None  # None: fp32
     target: dict[str, Any] | None = None
+    noise: dict[str, Any] | None = None  # {"low", "high"}: uniform integers for noise/* inputs
     layers: tuple[GraphIO, ...] = ()  # per-layer graphs: x1, x2 in; y1, y2 out to the next
     infer: GraphIO | None = None
     state_file: str | None = None  # npz of the initial bound inputs
@@ -111,7 +113,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
-        for attr in ("hparams", "optimizer", "net", "versions", "quant", "target"):
+        for attr in ("hparams", "optimizer", "net", "versions", "quant", "target", "noise"):
             object.__setattr__(self, attr, _plain(getattr(self, attr)))  # tuples -> lists
         if self.format != FORMAT:
             raise EdgeError(f"manifest format {self.format!r} is not {FORMAT!r}")
@@ -144,6 +146,7 @@ class Manifest:
             "batch_size": self.batch_size,
             "quant": self.quant,
             "target": self.target,
+            "noise": self.noise,
             "versions": self.versions,
             "state_file": self.state_file,
             "step": self.step.to_dict(),
@@ -168,6 +171,7 @@ class Manifest:
                 versions=d["versions"],
                 quant=d.get("quant"),
                 target=d.get("target"),
+                noise=d.get("noise"),
                 layers=tuple(GraphIO.from_dict(g) for g in d.get("layers", [])),
                 infer=GraphIO.from_dict(d["infer"]) if d.get("infer") else None,
                 state_file=d.get("state_file"),

@@ -1,16 +1,17 @@
 """What the exporter traces: a `StepProgram`, the pluggable arithmetic of one training step.
 
 The fp32 program is `edge.step.local_step` itself (whole step) and its loop body (one
-layer). Integer mode plugs in by building another `StepProgram` over integer tensors, with a
-`noise` input for stochastic rounding and a `quant` description for the manifest; the graph
-builders, manifests, runners and bundles do not change.
+layer). Integer mode plugs in by building another `StepProgram` over integer tensors, with
+named random-bit inputs for stochastic rounding (`noise`, one per parameter, say) and a
+`quant` description for the manifest; graph builders, manifests, runners and bundles do not
+change.
 
 Contracts (all pure tensor functions, no autograd, no branching on tensor values):
   step(params, state, x1, x2, noise) -> (params', state', metrics)      metrics: loss, layer_loss
-  layer(i, params_i, state_i, x1, x2, step, noise) -> (y1, y2, params_i', state_i', loss)
-where params_i / state_i hold only layer i's tensors (`enc.{i}.*`, `rule.{i}.*` and their
-optimizer moments), `step` is the step count *before* this step, and y1, y2 are the next
-layer's inputs.
+  layer(i, params_i, state_i, x1, x2, step, noise_i) -> (y1, y2, params_i', state_i', loss)
+where params_i / state_i / noise_i hold only layer i's tensors (`enc.{i}.*`, `rule.{i}.*`,
+their optimizer moments and noise), `step` is the step count *before* this step, y1, y2 are
+the next layer's inputs, and noise is a dict keyed like the parameters (empty for fp32).
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ from edge.step import local_step
 from export.manifest import TensorSpec
 
 Tensors = dict[str, Tensor]
-StepFn = Callable[
-    [Tensors, Tensors, Tensor, Tensor, Tensor | None], tuple[Tensors, Tensors, Tensors]
-]
+StepFn = Callable[[Tensors, Tensors, Tensor, Tensor, Tensors], tuple[Tensors, Tensors, Tensors]]
 LayerFn = Callable[
-    [int, Tensors, Tensors, Tensor, Tensor, Tensor, Tensor | None],
+    [int, Tensors, Tensors, Tensor, Tensor, Tensor, Tensors],
     tuple[Tensor, Tensor, Tensors, Tensors, Tensor],
 ]
 
@@ -44,7 +43,8 @@ class StepProgram:
     name: str  # "fp32", or the integer mode's name
     step: StepFn
     layer: LayerFn | None = None  # None: no per-layer graphs for this program
-    noise: TensorSpec | None = None  # random bits input (stochastic rounding)
+    noise: tuple[TensorSpec, ...] = ()  # random-bit inputs, named like the params they round
+    noise_range: tuple[int, int] = (0, 1 << 16)  # uniform integers in [low, high)
     view_dtype: str = "float32"
     quant: dict[str, Any] | None = None  # for the manifest; None: fp32
 
@@ -63,11 +63,11 @@ def fp32_program(net: NetSpec, rule: LocalRule, opt: OptimConfig) -> StepProgram
     require_local(rule)
     rule.check(net)
 
-    def step(params: Tensors, state: Tensors, x1: Tensor, x2: Tensor, noise: Tensor | None):
+    def step(params: Tensors, state: Tensors, x1: Tensor, x2: Tensor, noise: Tensors):
         return local_step(net, rule, opt, params, state, x1, x2)
 
     def layer(i: int, params_i: Tensors, state_i: Tensors, x1: Tensor, x2: Tensor,
-              step_count: Tensor, noise: Tensor | None):
+              step_count: Tensor, noise: Tensors):
         return fp32_layer_step(net, rule, opt, i, params_i, state_i, x1, x2, step_count)
 
     return StepProgram("fp32", step, layer if has_no_context(rule) else None)

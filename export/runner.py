@@ -27,9 +27,8 @@ from torch import Tensor
 from edge.errors import EdgeError
 from edge.nets import NetSpec
 from edge.optim import OptimConfig
-from export.manifest import NEW_PARAMS, NEW_STATE, PARAMS, STATE, GraphIO
-from export.program import StepProgram
-from export.training_step import NOISE
+from export.manifest import NEW_PARAMS, NEW_STATE, NOISE, PARAMS, STATE, GraphIO
+from export.program import StepProgram, require_local
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 OPENVINO_EXTRA = 'pip install -e ".[openvino]"'
@@ -187,18 +186,23 @@ def apply_bindings(carried: Arrays, outputs: Arrays, io: GraphIO) -> None:
         carried[inp] = outputs[out]
 
 
+def draw_noise(ios: list[GraphIO], rng: np.random.Generator, low: int, high: int) -> Arrays:
+    """Uniform integers in [low, high) for every noise/* input of the graphs."""
+    specs = {t.name: t for io in ios for t in io.inputs if t.name.startswith(NOISE)}
+    return {n: rng.integers(low, high, t.shape, dtype=t.dtype) for n, t in specs.items()}
+
+
 def run_layer_chain(
     runners: list[Runner], ios: list[GraphIO], carried: Arrays, x1: Any, x2: Any,
-    noise: np.ndarray | None = None,
+    noise: Arrays | None = None,
 ) -> tuple[Arrays, np.ndarray]:
     """One whole step through the per-layer graphs: y of layer i is x of layer i+1; the
     bindings apply after the last layer. Returns (new carried inputs, per-layer losses)."""
-    new, losses = dict(carried), []
+    new, losses, noise = dict(carried), [], noise or {}
     for runner, io in zip(runners, ios, strict=True):
-        feeds = {n: carried[n] for n in runner.input_names if n not in ("x1", "x2", NOISE)}
+        feeds = {n: carried[n] for n in runner.input_names if n in carried}
+        feeds.update({n: noise[n] for n in runner.input_names if n in noise})
         feeds.update({"x1": x1, "x2": x2})
-        if NOISE in runner.input_names:
-            feeds[NOISE] = noise
         outs = runner.run(feeds)
         x1, x2 = outs["y1"], outs["y2"]
         losses.append(outs["loss"])
@@ -264,18 +268,16 @@ class OnnxStepper:
             models, self._ios = [model], [manifest.step]
         self._runners = [Runner(m, **self.runner_args) for m in models]
 
-    def _noise(self) -> np.ndarray | None:
-        spec = next((t for io in self._ios for t in io.inputs if t.name == NOISE), None)
-        if spec is None:
-            return None
-        info = np.iinfo(spec.dtype) if np.issubdtype(spec.dtype, np.integer) else None
-        if info is None:
-            return self.rng.random(spec.shape, dtype=spec.dtype)
-        return self.rng.integers(info.min, info.max, spec.shape, dtype=spec.dtype, endpoint=True)
+    def _noise(self) -> Arrays:
+        low, high = self.program.noise_range if self.program else (0, 1 << 16)
+        return draw_noise(self._ios, self.rng, low, high)
 
     def __call__(
-        self, params: dict[str, Tensor], state: dict[str, Tensor], x1: Tensor, x2: Tensor
+        self, params: dict[str, Tensor], state: dict[str, Tensor], x1: Tensor, x2: Tensor,
+        donate: bool = False,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """One step; `donate` is accepted for train_step's signature (the runtime always
+        returns fresh tensors, the inputs are left untouched)."""
         key = (tuple((k, tuple(v.shape)) for k, v in params.items()),
                tuple((k, tuple(v.shape)) for k, v in state.items()), tuple(x1.shape))
         if key != self._key and not self._fixed:
@@ -290,9 +292,7 @@ class OnnxStepper:
             metrics = {"loss": torch.from_numpy(np.asarray(layer_loss.sum())),
                        "layer_loss": torch.from_numpy(layer_loss)}
         else:
-            feeds = {**carried, "x1": x1, "x2": x2}
-            if noise is not None:
-                feeds[NOISE] = noise
+            feeds = {**carried, **noise, "x1": x1, "x2": x2}
             outs = self._runners[0].run(feeds)
             new = dict(carried)
             apply_bindings(new, outs, self._ios[0])
@@ -313,4 +313,5 @@ def make_stepper(
         return functools.partial(train_step, net, rule, opt)
     if runtime not in RUNTIMES:
         raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    require_local(rule)  # a backprop baseline has no forward-only graph: say so before training
     return OnnxStepper(net, rule, opt, runtime=runtime, **kwargs)

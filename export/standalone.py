@@ -31,15 +31,13 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def noise_for(graph: dict, rng: np.random.Generator) -> np.ndarray | None:
-    spec = next((t for t in graph["inputs"] if t["name"] == "noise"), None)
-    if spec is None:
-        return None
-    dtype = np.dtype(spec["dtype"])
-    if dtype.kind == "f":
-        return rng.random(spec["shape"], dtype=dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, spec["shape"], dtype=dtype, endpoint=True)
+def draw_noise(manifest: dict, graphs: list, rng: np.random.Generator) -> dict:
+    """Random bits for the noise/* inputs (stochastic rounding): uniform in [low, high)."""
+    if not manifest.get("noise"):
+        return {}
+    low, high = manifest["noise"]["low"], manifest["noise"]["high"]
+    specs = {t["name"]: t for g in graphs for t in g["inputs"] if t["name"].startswith("noise/")}
+    return {n: rng.integers(low, high, t["shape"], dtype=t["dtype"]) for n, t in specs.items()}
 
 
 def run_graph(sess: ort.InferenceSession, graph: dict, feeds: dict) -> dict:
@@ -55,13 +53,12 @@ def bind(carried: dict, outputs: dict, graph: dict) -> None:
 
 def one_step(sessions: list, graphs: list, carried: dict, x1, x2, noise) -> tuple[dict, list]:
     new, losses = dict(carried), []
-    extra = {} if noise is None else {"noise": noise}
-    if len(graphs) == 1:  # the whole-step graph
-        out = run_graph(sessions[0], graphs[0], {**carried, "x1": x1, "x2": x2, **extra})
+    if "y1" not in {o["name"] for o in graphs[0]["outputs"]}:  # the whole-step graph
+        out = run_graph(sessions[0], graphs[0], {**carried, **noise, "x1": x1, "x2": x2})
         bind(new, out, graphs[0])
         return new, [float(v) for v in np.ravel(out["layer_loss"])]
     for sess, graph in zip(sessions, graphs):  # noqa: B905 - per-layer chain (py3.8+ devices)
-        out = run_graph(sess, graph, {**carried, "x1": x1, "x2": x2, **extra})
+        out = run_graph(sess, graph, {**carried, **noise, "x1": x1, "x2": x2})
         x1, x2 = out["y1"], out["y2"]
         losses.append(float(out["loss"]))
         bind(new, out, graph)
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     for s in range(args.steps):
         x1, x2 = batches[s % len(batches)]
-        noise = noise_for(graphs[0], rng)
+        noise = draw_noise(manifest, graphs, rng)
         carried, losses = one_step(sessions, graphs, carried, x1, x2, noise)
         print(json.dumps({"step": s + 1, "loss": sum(losses), "layer_loss": losses}), flush=True)
     out = args.out or args.bundle / "trained_state.npz"

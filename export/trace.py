@@ -68,7 +68,7 @@ def export_function(
     names = list(inputs)
     module = _Flat(fn, names, list(output_names))
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _no_ir_dump():
+    with warnings.catch_warnings(), torch.no_grad(), _no_ir_dump(), one_thread():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -80,11 +80,23 @@ def export_function(
             raise
         except Exception as e:  # the exporter's own errors name the operator
             raise EdgeError(f"ONNX export failed: {_first_line(e)}") from None
-    model = onnx.load_model_from_string(buf.getvalue())
+    model = _restore_unused_inputs(onnx.load_model_from_string(buf.getvalue()), inputs)
     if optimize:
         model = _optimize(model)
     check_model(model, names, list(output_names))
     return model
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Trace on one torch thread: tracing needs no speed, and on a busy machine two spinning
+    OpenMP threads make the example convolutions many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -104,6 +116,25 @@ def _no_ir_dump() -> Iterator[None]:
         yield
     finally:
         utils.setup_onnx_logging = original
+
+
+def _restore_unused_inputs(model: onnx.ModelProto, inputs: dict[str, Tensor]) -> onnx.ModelProto:
+    """The TorchScript exporter drops inputs the function never reads (an fp32 program that
+    ignores some noise, say); put them back, in the declared order, so the graph's interface
+    is the manifest's whatever the arithmetic uses."""
+    have = {i.name: i for i in model.graph.input}
+    if list(have) == list(inputs):
+        return model
+    ordered = []
+    for name, t in inputs.items():
+        if name in have:
+            ordered.append(have[name])
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(t.detach().numpy().dtype)
+        ordered.append(onnx.helper.make_tensor_value_info(name, elem, list(t.shape)))
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    return model
 
 
 def _first_line(e: Exception) -> str:

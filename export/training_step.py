@@ -3,10 +3,10 @@
     training_step(net, rule, opt, params, state, batch_size) -> (onnx.ModelProto, Manifest)
 
 Inputs: every parameter (`params/<name>`) and optimizer state tensor (`state/<name>`, the step
-counter included), both views `x1`, `x2` at a fixed batch size, and `noise` when the program
-uses stochastic rounding. Outputs: `new_params/*`, `new_state/*`, `loss`, `layer_loss` (one
-per layer) and any other metric the rule reports. The manifest binds each new_* output to the
-input it replaces at the next step.
+counter included), both views `x1`, `x2` at a fixed batch size, and `noise/<name>` random bits
+when the program rounds stochastically. Outputs: `new_params/*`, `new_state/*`, `loss`,
+`layer_loss` (one per layer) and any other metric the rule reports. The manifest binds each
+new_* output to the input it replaces at the next step.
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ from torch import Tensor
 from edge.errors import EdgeError
 from edge.nets import NetSpec
 from edge.optim import OptimConfig
-from export.manifest import NEW_PARAMS, NEW_STATE, PARAMS, STATE, GraphIO, Manifest
+from export.manifest import (
+    NEW_PARAMS,
+    NEW_STATE,
+    NOISE,
+    PARAMS,
+    STATE,
+    GraphIO,
+    Manifest,
+    TensorSpec,
+)
 from export.program import StepProgram, fp32_program, require_local
-from export.trace import export_function, value_specs
+from export.trace import export_function, one_thread, value_specs
 
 STEP_FILE = "train_step.onnx"
 VIEWS = ("x1", "x2")
-NOISE = "noise"
 
 
 def versions() -> dict[str, str]:
@@ -53,9 +61,17 @@ def example_inputs(
     inputs.update({STATE + k: v.detach() for k, v in state.items()})
     view = torch.zeros((batch_size, *net.in_shape), dtype=getattr(torch, program.view_dtype))
     inputs.update({name: view.clone() for name in VIEWS})
-    if program.noise is not None:
-        inputs[NOISE] = torch.zeros(program.noise.shape, dtype=getattr(torch, program.noise.dtype))
+    inputs.update(noise_inputs(program.noise))
     return inputs
+
+
+def noise_inputs(specs: tuple[TensorSpec, ...]) -> dict[str, Tensor]:
+    return {t.name: torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in specs}
+
+
+def take_noise(t: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The noise/* graph inputs, keyed without the prefix."""
+    return {k[len(NOISE):]: v for k, v in t.items() if k.startswith(NOISE)}
 
 
 def step_function(program: StepProgram, param_names: list[str], state_names: list[str]):
@@ -64,7 +80,8 @@ def step_function(program: StepProgram, param_names: list[str], state_names: lis
     def fn(t: dict[str, Tensor]) -> dict[str, Tensor]:
         params = {k: t[PARAMS + k] for k in param_names}
         state = {k: t[STATE + k] for k in state_names}
-        new_params, new_state, metrics = program.step(params, state, t["x1"], t["x2"], t.get(NOISE))
+        noise = take_noise(t)
+        new_params, new_state, metrics = program.step(params, state, t["x1"], t["x2"], noise)
         out = {NEW_PARAMS + k: new_params[k] for k in param_names}
         out.update({NEW_STATE + k: new_state[k] for k in state_names})
         out.update(metrics)
@@ -82,10 +99,12 @@ def base_manifest(
     net: NetSpec, rule: Any, opt: OptimConfig, batch_size: int, program: StepProgram,
     step: GraphIO, target: dict[str, Any] | None = None,
 ) -> Manifest:
+    low, high = program.noise_range
     return Manifest(
         step=step, rule=rule.name, hparams=rule.hparams(), optimizer=opt.__dict__.copy(),
         net=net.to_dict(), batch_size=batch_size, versions=versions(),
         quant=program.quant, target=target,
+        noise={"low": low, "high": high} if program.noise else None,
     )
 
 
@@ -107,7 +126,7 @@ def training_step(
     param_names, state_names = list(params), list(state)
     inputs = example_inputs(net, params, state, batch_size, program)
     fn = step_function(program, param_names, state_names)
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         example = fn(dict(inputs))  # eager once: which metrics, and that it runs at all
     outputs = list(example)
     model = export_function(fn, inputs, outputs, optimize=optimize)

@@ -245,3 +245,54 @@ def test_untouched_params_pass_through(tiny):
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     p, _, _ = stepper(params, state, x, x.flip(0))
     assert torch.equal(p["head.w"], params["head.w"])
+
+
+
+def _integer_case(net, rule, views):
+    qc = pytest.importorskip("quant.calibrate")
+    from export.integer import integer_program
+
+    rule.check(net)
+    gen = torch.Generator().manual_seed(0)
+    params = init_params(net, gen)
+    params.update(rule.init(net, gen))
+    plan, qparams = qc.make_plan(net, rule, params, views)
+    return qc, plan, qparams, integer_program(net, rule, plan, qparams), rule
+
+
+def test_integer_program_is_bit_exact_in_onnxruntime(tiny):
+    """Integer mode through the same exporter (a linear net): int stores, int8 views, int32
+    noise inputs; every new store equals quant.integer.integer_step's, bit for bit."""
+    from export.integer import integer_state
+    from export.manifest import NOISE
+    from quant.integer import integer_step, make_noise
+
+    net, _, opt, _, _ = tiny
+    gen = torch.Generator().manual_seed(2)
+    views = [tuple(torch.randn(2, 4, 1, 8, 8, generator=gen)) for _ in range(3)]
+    qc, plan, q, program, rule = _integer_case(net, ClappPP(), views)
+    state = integer_state()
+    model, manifest = training_step(net, rule, opt, q, state, 4, program=program)
+    assert nonstandard_ops(model) == [] and manifest.noise == {"low": 0, "high": 1 << 16}
+    assert manifest.step.input("x1").dtype == "int8" and manifest.quant["mode"] == plan.quant
+    runner = Runner(model)
+    for x1, x2 in views:
+        x1q, x2q = (qc.quantize_input(x, plan.f_in) for x in (x1, x2))
+        noise = make_noise(plan, q, gen)
+        outs = runner.run({**{PARAMS + k: v for k, v in q.items()}, STATE + "step": state["step"],
+                           "x1": x1q, "x2": x2q, **{NOISE + k: v for k, v in noise.items()}})
+        q, _ = integer_step(net, rule, plan, q, x1q, x2q, noise)
+        for k, v in q.items():
+            np.testing.assert_array_equal(outs[NEW_PARAMS + k], v.numpy())
+
+
+def test_integer_program_with_convs(setup):
+    """Conv nets: exports once quant.intops' integer conv does (xfail names the blocker)."""
+    from export.integer import integer_state
+
+    net, _, opt, _, _, views = setup
+    _, _, q, program, rule = _integer_case(net, ClappPP(), views[:1])
+    try:
+        training_step(net, rule, opt, q, integer_state(), BATCH, program=program)
+    except EdgeError as e:
+        pytest.xfail(f"integer conv step does not export yet: {str(e)[:160]}")

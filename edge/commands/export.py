@@ -90,6 +90,11 @@ def export_cmd(
 
     if data not in IN_SHAPES:
         raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
+    tgt = None
+    if target is not None:
+        import targets
+
+        tgt = targets.load(target)
     cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed, net=net, width=width,
                       rule_hparams=_hparams(hp))
@@ -97,11 +102,6 @@ def export_cmd(
     opt = cfg.optim()
     params = initial_params(cfg, spec, learning_rule)
     state = opt.init_state(params)
-    tgt = None
-    if target is not None:
-        import targets
-
-        tgt = targets.load(target)
     assert out is not None
     manifest = write_bundle(out, spec, learning_rule, opt, params, state, batch_size,
                             target=tgt, per_layer=per_layer)

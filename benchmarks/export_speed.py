@@ -1,0 +1,110 @@
+"""Steps per second of the exported training step (onnxruntime) against torch eager.
+
+Both run the same step (same net, rule, optimizer, batch, views) with the same number of
+threads, interleaved (torch, onnxruntime, torch, onnxruntime, ...) so machine noise hits both
+alike; each repeat times `steps` consecutive steps after a warm-up. The onnxruntime figure is
+end to end through `export.runner.OnnxStepper` (torch tensors in and out, what
+`edge train --runtime onnxruntime` would call). Prints one JSON line: per-runtime median, min
+and max steps/s over the repeats, the ratio of medians, and the load average while it ran
+(on a shared machine, read the spread before the median).
+
+    python benchmarks/export_speed.py [--net digits --width 0.25 --batch 16 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from edge.nets import preset
+from edge.optim import OptimConfig
+from edge.rules import get
+from edge.step import train_step
+from export.runner import OnnxStepper
+from export.training_step import training_step
+
+IN_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "vgg6": (3, 32, 32), "mlp": (1, 8, 8)}
+
+
+def _rate(step, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t0)
+
+
+def run(net_name: str = "digits", width: float = 0.25, batch: int = 16, repeats: int = 5,
+        steps: int = 20, threads: int = 2, openvino: bool = False) -> dict:
+    torch.set_num_threads(threads)
+    net = preset(net_name, IN_SHAPES[net_name], width)
+    rule = get("clapp++")
+    rule.check(net)
+    gen = torch.Generator().manual_seed(0)
+    from edge.nets import init_params
+
+    params = init_params(net, gen)
+    params.update(rule.init(net, gen))
+    opt = OptimConfig("adamw", lr=1e-3)
+    state = opt.init_state(params)
+    x1 = torch.randn(batch, *net.in_shape, generator=gen)
+    x2 = torch.randn(batch, *net.in_shape, generator=gen)
+    model, manifest = training_step(net, rule, opt, params, state, batch)
+    runtimes = {"torch": lambda p, s: train_step(net, rule, opt, p, s, x1, x2)}
+    stepper = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step], threads=threads)
+    runtimes["onnxruntime"] = lambda p, s: stepper(p, s, x1, x2)
+    if openvino:
+        ov = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step], threads=threads,
+                                     runtime="openvino")
+        runtimes["openvino"] = lambda p, s: ov(p, s, x1, x2)
+    boxes = {name: {"p": dict(params), "s": dict(state)} for name in runtimes}
+
+    def stepping(name: str):
+        def step() -> None:
+            box = boxes[name]
+            box["p"], box["s"], _ = runtimes[name](box["p"], box["s"])
+        return step
+
+    steppers = {name: stepping(name) for name in runtimes}
+    for s in steppers.values():
+        for _ in range(3):
+            s()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in runtimes}
+    load0 = os.getloadavg()[0]
+    for _ in range(repeats):
+        for name, s in steppers.items():
+            rates[name].append(_rate(s, steps))
+    ratios = [o / t for o, t in zip(rates["onnxruntime"], rates["torch"], strict=True)]
+    return {
+        "net": f"{net_name} x{width}", "batch": batch, "threads": threads, "repeats": repeats,
+        "steps_per_repeat": steps,
+        "steps_per_s": {k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1),
+                            "max": round(max(v), 1)} for k, v in rates.items()},
+        "ratio_onnxruntime_vs_torch": {"median": round(statistics.median(ratios), 2),
+                                       "min": round(min(ratios), 2),
+                                       "max": round(max(ratios), 2)},
+        "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", default="digits", choices=sorted(IN_SHAPES))
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--openvino", action="store_true", help="also time OpenVINO (if installed)")
+    a = ap.parse_args()
+    print(json.dumps(run(a.net, a.width, a.batch, a.repeats, a.steps, a.threads, a.openvino)))
+
+
+if __name__ == "__main__":
+    main()
