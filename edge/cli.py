@@ -76,6 +76,9 @@ def train(
     probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
     device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
+    runtime: Annotated[
+        str, typer.Option(help="What runs each step: torch | onnxruntime | openvino.")
+    ] = "torch",
     data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
@@ -89,9 +92,20 @@ def train(
         rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
         rule_hparams=_parse_hparams(hp), probe_layers=probe_layers, device=device,
+        runtime=runtime,
     )
+    make_step = None
+    if runtime != "torch":
+        import functools
+
+        from export.runner import make_stepper
+
+        if device != "cpu":
+            raise EdgeError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+        make_step = functools.partial(make_stepper, runtime)
     out = out or Path("runs") / f"{rule}-{data}"
-    result = run(cfg, out, data_dir=data_dir, resume=resume, progress=not as_json)
+    result = run(cfg, out, data_dir=data_dir, resume=resume, progress=not as_json,
+                 make_step=make_step)
     if as_json:
         _emit(result)
         return
@@ -201,12 +215,11 @@ def _mount_subcommands() -> None:
     from edge.commands.targets import app as targets_app
 
     app.add_typer(targets_app, name="targets", help="Device targets: list | show.")
-    try:
-        from edge.commands.simulate import simulate_cmd
+    from edge.commands.export import export_cmd
+    from edge.commands.simulate import simulate_cmd
 
-        app.command(name="simulate")(simulate_cmd)
-    except ImportError:
-        pass
+    app.command(name="simulate")(simulate_cmd)
+    app.command(name="export")(export_cmd)
 
 
 _mount_subcommands()

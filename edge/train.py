@@ -11,8 +11,10 @@ is kept and the error says where it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ class TrainConfig:
     rule_hparams: dict[str, Any] = field(default_factory=dict)
     probe_layers: str = "all"
     device: str = "cpu"  # where the step runs; not part of the run's identity
+    runtime: str = "torch"  # what executes the step (torch | onnxruntime | openvino); recorded
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -72,7 +75,7 @@ class TrainConfig:
     def same_run(self, other: TrainConfig) -> bool:
         """Everything but the epoch count must match for a resume to continue the same run."""
         mine, theirs = self.to_dict(), other.to_dict()
-        for key in ("epochs", "device"):
+        for key in ("epochs", "device", "runtime"):
             mine.pop(key), theirs.pop(key)
         return mine == theirs
 
@@ -91,6 +94,10 @@ def initial_params(cfg: TrainConfig, net: NetSpec, rule) -> dict[str, torch.Tens
     return params
 
 
+def _torch_step(net: NetSpec, rule, opt: OptimConfig) -> Callable:
+    return functools.partial(train_step, net, rule, opt)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
@@ -101,18 +108,23 @@ def train(
     data_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    make_step: Callable[..., Callable] | None = None,
 ) -> dict[str, Any]:
+    """Train, checkpoint every epoch, probe. `make_step(net, rule, opt)` may supply another
+    executor of the same step (e.g. the exported graph in onnxruntime, from `export.runner`);
+    it must accept `(params, state, x1, x2, donate=...)` like `edge.step.train_step`."""
     t0 = time.perf_counter()
     ds = load(cfg.data, data_dir, cfg.subset)
     net, rule = build(cfg, ds.in_shape)
     opt = cfg.optim()
+    step_fn = (make_step or _torch_step)(net, rule, opt)
     ckpt_path = out / checkpoint.FILENAME
     params = initial_params(cfg, net, rule)
     state = opt.init_state(params)
     start, history = 0, []
     if resume and ckpt_path.exists():
         params, state, meta = checkpoint.load(ckpt_path)
-        old = TrainConfig(**{"device": "cpu", **meta["config"]})
+        old = TrainConfig(**{"device": "cpu", "runtime": "torch", **meta["config"]})
         if not cfg.same_run(old):
             raise EdgeError(f"{ckpt_path} belongs to another run ({old}); use another --out")
         start, history = meta["epoch"], meta["history"]
@@ -139,7 +151,7 @@ def train(
             for s in range(steps):
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                 v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
-                params, state, metrics = train_step(net, rule, opt, params, state, v1, v2, donate=True)
+                params, state, metrics = step_fn(params, state, v1, v2, donate=True)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
                     kept = f"kept {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"

@@ -4,9 +4,9 @@
   1. wrap `fn` (dict of named tensors -> dict of named tensors) in an nn.Module over flat
      tensors and trace it with the TorchScript exporter (`dynamo=False`, opset 18): about
      1 s for a small net where the dynamo exporter takes ~14 s, and the same graph after
-  2. constant folding with shape inference (onnxscript/onnx_ir passes: the static-shape
-     `Shape` chains fold away, constants become initializers), dead-node and common
-     subexpression elimination,
+  2. `export.passes.optimize_graph`: constant folding with shape inference (the static-shape
+     `Shape` chains fold away), dead-node and common-subexpression elimination, and two
+     rewrites that keep the graph small and fast (see there),
   3. check: only the standard `ai.onnx` domain (no com.microsoft, no training preview ops),
      every declared input and output present by name, `onnx.checker` full check.
 A failure anywhere is an `EdgeError` naming the operator or tensor.
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from edge.errors import EdgeError
 from export.manifest import TensorSpec
+from export.passes import optimize_graph
 
 OPSET = 18
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -82,7 +83,7 @@ def export_function(
             raise EdgeError(f"ONNX export failed: {_first_line(e)}") from None
     model = _restore_unused_inputs(onnx.load_model_from_string(buf.getvalue()), inputs)
     if optimize:
-        model = _optimize(model)
+        model = optimize_graph(model)
     check_model(model, names, list(output_names))
     return model
 
@@ -140,52 +141,6 @@ def _restore_unused_inputs(model: onnx.ModelProto, inputs: dict[str, Tensor]) ->
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constants (with shape inference: static shapes turn `Shape` chains into
-    constants), drop dead nodes, merge duplicates, lift constants to initializers. The
-    onnxscript rewriter (`optimizer.optimize`) gives the same graph ~30x slower."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-    from onnx_ir.passes import common
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = ir.serde.deserialize_model(model)
-        onnxscript.optimizer.fold_constants(graph, onnx_shape_inference=True)
-        common.RemoveUnusedNodesPass()(graph)
-        common.CommonSubexpressionEliminationPass()(graph)
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph)
-        common.RemoveUnusedNodesPass()(graph)
-        return splats_to_constant_of_shape(ir.serde.serialize_model(graph))
-
-
-def splats_to_constant_of_shape(model: onnx.ModelProto, min_size: int = 64) -> onnx.ModelProto:
-    """Folded `torch.zeros` buffers are all-equal initializers: store them as a
-    ConstantOfShape of a tiny shape instead (a few bytes of flash, not N*4)."""
-    from onnx import helper, numpy_helper
-
-    keep, nodes = [], []
-    graph_inputs = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.size < min_size or init.name in graph_inputs or not (arr == arr.flat[0]).all():
-            keep.append(init)
-            continue
-        shape_name = f"{init.name}__shape"
-        keep.append(numpy_helper.from_array(np.array(arr.shape, dtype=np.int64), shape_name))
-        value = numpy_helper.from_array(arr.reshape(-1)[:1].copy())
-        nodes.append(helper.make_node("ConstantOfShape", [shape_name], [init.name],
-                                      name=f"{init.name}__splat", value=value))
-    if not nodes:
-        return model
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    old = list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes + old)
-    return model
 
 
 def nonstandard_ops(model: onnx.ModelProto) -> list[str]:

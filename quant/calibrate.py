@@ -25,7 +25,7 @@ from torch import Tensor
 from edge.errors import EdgeError
 from edge.nets import NetSpec
 from quant.clapp_int import error_shift, family_layout, integer_form
-from quant.integer import int_layer_forward, layer_weights, window_code
+from quant.integer import int_layer_forward, layer_weights, make_noise, window_code
 from quant.layers import build_quant_encoder, calibrate_encoder, encoder_exponents
 from quant.plan import (
     A_MAX,
@@ -70,13 +70,16 @@ def encoder_layers(
     bits), bounds, weight and bias plans; the rule's integer layout if `integer`."""
     shift = store_shift(quant)
     layout = family_layout(rule, net) if integer else [((1, 1), ())] * len(net.layers)
+    bounds = [
+        check_accumulator(spec.in_features * (9 if spec.kind == "conv" else 1),
+                          X_MAX if i == 0 else A_MAX, W_MAX, f"layer {i} forward")
+        for i, spec in enumerate(net.layers)
+    ]
     enc = build_quant_encoder(net, params)
     ex = encoder_exponents(calibrate_encoder(enc, [torch.cat(v) for v in views]))
     layers, plans = [], {}
-    for i, spec in enumerate(net.layers):
+    for i, bound in enumerate(bounds):
         f_x, f_w = (ex.f_in if i == 0 else ex.f_y[i - 1]), ex.f_w[i] - headroom
-        fan_in = spec.in_features * (9 if spec.kind == "conv" else 1)
-        bound = check_accumulator(fan_in, X_MAX if i == 0 else A_MAX, W_MAX, f"layer {i} forward")
         plans[f"enc.{i}.w"] = weight_plan(f_w, shift)
         plans[f"enc.{i}.b"] = bias_plan(f_x + f_w, shift, bound)
         window, terms = layout[i]
@@ -160,14 +163,16 @@ def gradient_rms(
     """rms of every integer gradient over the calibration batches (no update is applied)."""
     form = integer_form(rule)
     sums: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(0)
     for x1, x2 in views:
+        noise = make_noise(net, plan, qparams, gen)
         q1, q2 = quantize_input(x1, plan.f_in), quantize_input(x2, plan.f_in)
         ctx = form.context(net, plan, qparams, q1, q2)
         x = torch.cat((q1, q2))
         for i, layer in enumerate(net.layers):
             w, b = layer_weights(plan, qparams, i)
             out = int_layer_forward(layer, plan.layers[i], w, b, x)
-            grads, _ = form.layer_grads(i, layer, plan, out, qparams, ctx)
+            grads, _ = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[f"err.{i}"])
             for k, g in grads.items():
                 sums[k] = sums.get(k, 0.0) + float(g.double().pow(2).mean()) / len(views)
             x = out.y

@@ -13,7 +13,8 @@ Integer hinge of layer i (N images per view, uint8 codes z at f_y, contexts c at
   m   = -1 where a positive scores u < 1, +1 where a negative scores u > -1, else 0
         (an exact integer comparison against the threshold 2^(f_y + f_q))
   gz  = sum of m q over the terms        |gz| <= 254 per term
-  e   = round_shift(gz, e_shift)         int8: the error at the code, spread over the window
+  e   = stochastic_shift(gz, e_shift)    int8: the error at the code, unbiased (explicit
+                                         random bits), spread over the window
   gB  = A^T C, A = rows m z, C = the contexts     int32 (saturating)
         low rank: gU = A^T T (T = the rows' t), gV = C^T requant(A U) (int8 at f_au)
 The 1/(2N) of the loss and the 1/(kh kw) of the average live in the gradients' scales (and
@@ -37,7 +38,7 @@ from quant.integer import (
     window_code,
     window_spread,
 )
-from quant.intops import int_matmul, round_shift, saturate, saturate32
+from quant.intops import int_matmul, round_shift, saturate, saturate32, stochastic_shift
 from quant.plan import W_MAX, LayerPlan, QuantPlan, forward_value
 
 TERMS = {
@@ -128,9 +129,11 @@ class ClappFamilyInt:
         out: IntLayerOut,
         qparams: dict[str, Tensor],
         ctx: tuple[Tensor, Tensor] | None,
+        err_noise: Tensor,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Integer gradients (int32 values, int64 dtype) of layer i's parameters and its loss
-        (float, dequantized from the integer margins)."""
+        (float, dequantized from the integer margins). `err_noise`: random bits (2N, D) for
+        the stochastic rounding of the error (`quant.integer.make_noise`, key `err.{i}`)."""
         lp, n = plan.layers[i], plan.batch
         z = window_code(out.y, lp.window)
         z1, z2 = z[:n], z[n:]
@@ -173,7 +176,7 @@ class ClappFamilyInt:
                 au = _requant(int_matmul(A, P["U"]), lp.f_y + f["U"] - lp.f_au)
                 grads[key + "U"] = saturate32(int_matmul(A.t(), T))
                 grads[key + "V"] = saturate32(int_matmul(C.t(), au))
-        e = saturate(round_shift(torch.cat(gz), lp.e_shift), -W_MAX, W_MAX)
+        e = saturate(stochastic_shift(torch.cat(gz), lp.e_shift, err_noise), -W_MAX, W_MAX)
         gw, gb = int_layer_backward(layer, out, window_spread(e, out.y.shape, lp.window))
         grads = {f"enc.{i}.w": gw, f"enc.{i}.b": gb, **grads}
         return grads, (loss.to(torch.float64) / (thr * 2 * n)).float()

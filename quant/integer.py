@@ -153,12 +153,28 @@ def apply_update(pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor) -> t
     return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype]), clipped
 
 
-def make_noise(plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
-    """Random bits for one step: int32 uniform in [0, 2^16) per element of every parameter,
-    drawn from `gen` in sorted name order (reproducible from the generator's state)."""
+def code_dims(net: NetSpec, plan: QuantPlan) -> list[int]:
+    """Length D of every layer's pooled code z."""
+    dims = []
+    for shape, lp in zip(net.shapes(), plan.layers, strict=True):
+        if len(shape) == 1:
+            dims.append(shape[0])
+        else:
+            dims.append(shape[0] * (shape[1] // lp.window[0]) * (shape[2] // lp.window[1]))
+    return dims
+
+
+def make_noise(
+    net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator
+) -> dict[str, Tensor]:
+    """The random bits of one step: int32 uniform in [0, 2^16), drawn from `gen` in sorted
+    key order (parameters by name, then `err.{i}`), reproducible from the generator."""
+    shapes = {k: tuple(qparams[k].shape) for k in plan.params}
+    for i, d in enumerate(code_dims(net, plan)):
+        shapes[f"err.{i}"] = (2 * plan.batch, d)
     return {
-        k: torch.randint(0, 1 << NOISE_BITS, qparams[k].shape, generator=gen, dtype=torch.int32)
-        for k in sorted(plan.params)
+        k: torch.randint(0, 1 << NOISE_BITS, shapes[k], generator=gen, dtype=torch.int32)
+        for k in sorted(shapes)
     }
 
 
@@ -198,7 +214,7 @@ def integer_step(
     for i, layer in enumerate(net.layers):
         w, b = layer_weights(plan, qparams, i)
         out = int_layer_forward(layer, plan.layers[i], w, b, x)
-        grads, loss = form.layer_grads(i, layer, plan, out, qparams, ctx)
+        grads, loss = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[f"err.{i}"])
         for name, g in grads.items():
             new[name], c = apply_update(plan.params[name], qparams[name], g, noise[name])
             clipped = clipped + c

@@ -30,7 +30,7 @@ from export.training_step import training_step
 BATCH, STEPS = 16, 20
 FP32_OPS = {
     "Add", "AveragePool", "Cast", "Concat", "ConstantOfShape", "Conv", "Div", "Flatten",
-    "Greater", "MatMul", "MaxPool", "Mul", "Pow", "ReduceSum", "Relu", "Reshape",
+    "Greater", "MatMul", "MaxPool", "Mul", "Pow", "Range", "ReduceSum", "Relu", "Reshape",
     "ScatterElements", "Slice", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze",
 }
 
@@ -120,8 +120,10 @@ def test_pool_backward_and_conv_weight_gradient_export_cleanly(step_graph):
     model, _ = step_graph
     g = model.graph
     made = {o for n in g.node for o in n.output}
-    # max-pool with its argmax indices, and the backward scatter by those indices
-    assert any(n.op_type == "MaxPool" and len(n.output) == 2 and n.output[1] for n in g.node)
+    # max-pool with its argmax indices (one per pooling layer and view: the exporter's 1x1
+    # index pools became Range), and the backward scatter by those indices
+    pools = [n for n in g.node if n.op_type == "MaxPool"]
+    assert len(pools) == 4 and all(len(n.output) == 2 and n.output[1] for n in pools)
     scatters = [n for n in g.node if n.op_type == "ScatterElements"]
     assert len(scatters) == 4  # 2 pooling layers x 2 views
     # weight gradient as a Conv whose "weights" are the error: computed in the graph, neither

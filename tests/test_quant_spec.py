@@ -20,6 +20,14 @@ from quant.spec import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize(
     "kwargs, why",
     [
