@@ -67,10 +67,15 @@ def run(
         "batch": batch,
         "threads": threads,
         "repeats": repeats,
-        "samples_per_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                          for k, v in rates.items()},
-        "ratio_local_vs_bp": {"median": statistics.median(ratios), "min": min(ratios),
-                              "max": max(ratios)},
+        "samples_per_s": {
+            k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            for k, v in rates.items()
+        },
+        "ratio_local_vs_bp": {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        },
     }
 
 

@@ -62,7 +62,9 @@ def _emit(obj: dict[str, Any]) -> None:
 
 @app.command()
 def train(
-    rule: Annotated[str, typer.Option(help=f"Learning rule: {', '.join(rules.names())}.")] = "clapp++",
+    rule: Annotated[
+        str, typer.Option(help=f"Learning rule: {', '.join(rules.names())}.")
+    ] = "clapp++",
     data: Annotated[str, typer.Option(help="digits | mnist | cifar10.")] = "digits",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     subset: Annotated[int | None, typer.Option(help="Use the first N training images.")] = None,
@@ -72,7 +74,9 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD).")] = 0.0,
     net: Annotated[str | None, typer.Option(help="vgg6 | digits | mnist | mlp.")] = None,
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
-    hp: Annotated[list[str], typer.Option(help="Rule hyper-parameter key=value (repeatable).")] = [],  # noqa: B006
+    hp: Annotated[
+        list[str], typer.Option(help="Rule hyper-parameter key=value (repeatable).")
+    ] = [],  # noqa: B006
     probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
     device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
@@ -80,7 +84,9 @@ def train(
         str, typer.Option(help="What runs each step: torch | onnxruntime | openvino.")
     ] = "torch",
     data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -89,9 +95,20 @@ def train(
     from edge.train import train as run
 
     cfg = TrainConfig(
-        rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
-        rule_hparams=_parse_hparams(hp), probe_layers=probe_layers, device=device,
+        rule=rule,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        seed=seed,
+        subset=subset,
+        net=net,
+        width=width,
+        rule_hparams=_parse_hparams(hp),
+        probe_layers=probe_layers,
+        device=device,
         runtime=runtime,
     )
     make_step = None
@@ -104,8 +121,9 @@ def train(
             raise EdgeError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
         make_step = functools.partial(make_stepper, runtime)
     out = out or Path("runs") / f"{rule}-{data}"
-    result = run(cfg, out, data_dir=data_dir, resume=resume, progress=not as_json,
-                 make_step=make_step)
+    result = run(
+        cfg, out, data_dir=data_dir, resume=resume, progress=not as_json, make_step=make_step
+    )
     if as_json:
         _emit(result)
         return
@@ -135,8 +153,9 @@ def probe(
 
     params, _, meta = checkpoint.load(ckpt)
     net = NetSpec.from_dict(meta["net"])
-    from edge.nets import init_params
     import torch
+
+    from edge.nets import init_params
 
     want = init_params(net, torch.Generator().manual_seed(0))
     for k, v in want.items():
@@ -145,13 +164,20 @@ def probe(
     cfg = meta["config"]
     ds = load(cfg["data"], data_dir, cfg["subset"])
     acc = probe_accuracy(net, params, ds, layers)
-    result = {"checkpoint": str(ckpt), "rule": cfg["rule"], "data": cfg["data"],
-              "epoch": meta["epoch"], "probe_layers": layers, "probe_accuracy": acc}
+    result = {
+        "checkpoint": str(ckpt),
+        "rule": cfg["rule"],
+        "data": cfg["data"],
+        "epoch": meta["epoch"],
+        "probe_layers": layers,
+        "probe_accuracy": acc,
+    }
     if as_json:
         _emit(result)
     else:
-        out_console.print(f"{cfg['rule']} on {cfg['data']} (epoch {meta['epoch']}): "
-                          f"probe accuracy {acc:.4f}")
+        out_console.print(
+            f"{cfg['rule']} on {cfg['data']} (epoch {meta['epoch']}): probe accuracy {acc:.4f}"
+        )
 
 
 @app.command(name="rules")
@@ -174,7 +200,9 @@ def list_rules(
 @app.command()
 def demo(
     epochs: Annotated[int, typer.Option(help="Epochs per rule.")] = 15,
-    out: Annotated[Path | None, typer.Option(help="Where the runs go (default: a temp dir).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where the runs go (default: a temp dir).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """CLAPP++ and backprop InfoNCE on scikit-learn's digits, probed beside a random encoder."""
@@ -191,8 +219,10 @@ def demo(
         "data": "digits",
         "epochs": epochs,
         "random_probe_accuracy": random_acc,
-        "runs": {k: {f: v[f] for f in ("probe_accuracy", "seconds", "checkpoint", "weights_digest")}
-                 for k, v in results.items()},
+        "runs": {
+            k: {f: v[f] for f in ("probe_accuracy", "seconds", "checkpoint", "weights_digest")}
+            for k, v in results.items()
+        },
     }
     if as_json:
         _emit(summary)
@@ -204,8 +234,12 @@ def demo(
     t.add_column("seconds", justify="right")
     t.add_row("random (untrained)", "-", f"{random_acc:.4f}", "-")
     for rule, r in results.items():
-        t.add_row(rule, "yes" if rule == "clapp++" else "no", f"{r['probe_accuracy']:.4f}",
-                  f"{r['seconds']:.1f}")
+        t.add_row(
+            rule,
+            "yes" if rule == "clapp++" else "no",
+            f"{r['probe_accuracy']:.4f}",
+            f"{r['seconds']:.1f}",
+        )
     out_console.print(t)
     out_console.print(f"runs in {base}")
 

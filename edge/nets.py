@@ -35,7 +35,9 @@ class LayerSpec:
         if self.kind not in KINDS:
             raise EdgeError(f"unknown layer kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if self.in_features <= 0 or self.out_features <= 0:
-            raise EdgeError(f"layer sizes must be positive, got {self.in_features}->{self.out_features}")
+            raise EdgeError(
+                f"layer sizes must be positive, got {self.in_features}->{self.out_features}"
+            )
         if self.pool and self.kind != "conv":
             raise EdgeError("only conv layers can pool")
 

@@ -55,7 +55,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
-                raise EdgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise EdgeError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         if self.subset is not None and self.subset <= 0:
             raise EdgeError(f"--subset must be positive, got {self.subset}")
         if self.data not in DATASETS:
@@ -138,12 +140,19 @@ def train(
     views = default_views(cfg.data)
     console = Console(stderr=True)
     bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        disable=not (progress and console.is_terminal), transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (progress and console.is_terminal),
+        transient=True,
     )
     with bar:
-        task = bar.add_task(f"{cfg.rule} on {cfg.data}", total=(cfg.epochs - start) * steps, info="")
+        task = bar.add_task(
+            f"{cfg.rule} on {cfg.data}", total=(cfg.epochs - start) * steps, info=""
+        )
         for epoch in range(start, cfg.epochs):
             gen = epoch_generator(cfg.seed, epoch)
             perm = torch.randperm(n, generator=gen)
@@ -154,7 +163,9 @@ def train(
                 params, state, metrics = step_fn(params, state, v1, v2, donate=True)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
-                    kept = f"kept {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
+                    kept = (
+                        f"kept {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
+                    )
                     raise EdgeError(
                         f"loss became {loss} at epoch {epoch + 1} step {s + 1}; stopped ({kept}); "
                         "try a smaller --lr"
@@ -163,8 +174,11 @@ def train(
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
             history.append({"epoch": epoch + 1, "loss": total / steps})
             meta = {
-                "config": cfg.to_dict(), "net": net.to_dict(), "epoch": epoch + 1,
-                "history": history, "data_shape": list(ds.in_shape),
+                "config": cfg.to_dict(),
+                "net": net.to_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "data_shape": list(ds.in_shape),
             }
             checkpoint.save(ckpt_path, params, state, meta)
     probe = probe_accuracy(net, params, ds, cfg.probe_layers)

@@ -83,8 +83,11 @@ def encoder_layers(
         plans[f"enc.{i}.w"] = weight_plan(f_w, shift)
         plans[f"enc.{i}.b"] = bias_plan(f_x + f_w, shift, bound)
         window, terms = layout[i]
+        shape = net.shapes()[i]
+        dim = shape[0] if len(shape) == 1 else \
+            shape[0] * (shape[1] // window[0]) * (shape[2] // window[1])
         layers.append(LayerPlan(f_x, i == 0, f_w, ex.f_y[i], window, terms,
-                                e_shift=error_shift(len(terms))))
+                                e_shift=error_shift(len(terms)), code_dim=dim))
     return tuple(layers), plans
 
 
@@ -165,7 +168,7 @@ def gradient_rms(
     sums: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
     for x1, x2 in views:
-        noise = make_noise(net, plan, qparams, gen)
+        noise = make_noise(plan, qparams, gen)
         q1, q2 = quantize_input(x1, plan.f_in), quantize_input(x2, plan.f_in)
         ctx = form.context(net, plan, qparams, q1, q2)
         x = torch.cat((q1, q2))

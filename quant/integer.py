@@ -153,28 +153,23 @@ def apply_update(pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor) -> t
     return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype]), clipped
 
 
-def code_dims(net: NetSpec, plan: QuantPlan) -> list[int]:
-    """Length D of every layer's pooled code z."""
-    dims = []
-    for shape, lp in zip(net.shapes(), plan.layers, strict=True):
-        if len(shape) == 1:
-            dims.append(shape[0])
-        else:
-            dims.append(shape[0] * (shape[1] // lp.window[0]) * (shape[2] // lp.window[1]))
-    return dims
-
-
-def make_noise(
-    net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator
-) -> dict[str, Tensor]:
-    """The random bits of one step: int32 uniform in [0, 2^16), drawn from `gen` in sorted
-    key order (parameters by name, then `err.{i}`), reproducible from the generator."""
+def noise_shapes(plan: QuantPlan, qparams: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the random bits one step consumes, in sorted key order: one per element of
+    every planned parameter (its update's stochastic rounding), and `err.{i}`, 2N x D_i, for
+    layer i's error at its code."""
     shapes = {k: tuple(qparams[k].shape) for k in plan.params}
-    for i, d in enumerate(code_dims(net, plan)):
-        shapes[f"err.{i}"] = (2 * plan.batch, d)
+    for i, lp in enumerate(plan.layers):
+        if lp.terms:
+            shapes[f"err.{i}"] = (2 * plan.batch, lp.code_dim)
+    return dict(sorted(shapes.items()))
+
+
+def make_noise(plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
+    """The random bits of one step: int32 uniform in [0, 2^16) for every `noise_shapes`
+    entry, drawn from `gen` in sorted key order (reproducible from the generator's state)."""
     return {
-        k: torch.randint(0, 1 << NOISE_BITS, shapes[k], generator=gen, dtype=torch.int32)
-        for k in sorted(shapes)
+        k: torch.randint(0, 1 << NOISE_BITS, shape, generator=gen, dtype=torch.int32)
+        for k, shape in noise_shapes(plan, qparams).items()
     }
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from edge.errors import EdgeError
-from quant.intops import INT32_MAX, INT32_MIN, floor_shift
+from quant.intops import INT32_MAX, floor_shift
 
 QUANTS = {"int8": 0, "int8-w16": 8}  # quant mode -> store shift (extra low bits of the store)
 W_MAX = 127  # forward weights, predictors and signed intermediates: int8, narrow [-127, 127]
@@ -63,7 +63,8 @@ class LayerPlan:
     f_q: int = 0  # predictions B c (int8), shared by all terms of the layer
     f_t: int = 0  # low rank: c V (int8)
     f_au: int = 0  # low rank: A U, the modulated anchors through U (int8)
-    e_shift: int = 1  # error requantization: e = round_shift(sum of +-q, e_shift) fits int8
+    e_shift: int = 1  # error requantization: e = stochastic_shift(sum of +-q, e_shift), int8
+    code_dim: int = 0  # D, the length of the pooled code z (the error noise is 2N x D)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,3 @@ def dequantize_param(store: Tensor, pp: ParamPlan, latent: bool = False) -> Tens
     return (forward_value(store, pp).to(torch.float64) * scale).float()
 
 
-def acc_bounds_ok(lo: int, hi: int) -> None:
-    if lo < INT32_MIN or hi > INT32_MAX:
-        raise EdgeError(f"range [{lo}, {hi}] does not fit int32")

@@ -92,7 +92,7 @@ def quant_step(
     if x1.shape[0] != qs.plan.batch:
         raise EdgeError(f"integer mode was calibrated for batches of {qs.plan.batch}, got {x1.shape[0]}")
     q1, q2 = quantize_input(x1, qs.plan.f_in), quantize_input(x2, qs.plan.f_in)
-    noise = make_noise(net, qs.plan, qs.params, gen)
+    noise = make_noise(qs.plan, qs.params, gen)
     params, metrics = integer_step(net, rule, qs.plan, qs.params, q1, q2, noise)
     return replace(qs, params=params, state={"step": qs.state["step"] + 1}), metrics
 

@@ -28,7 +28,7 @@ def _check_layers(net, rule, rtol=1e-4):
         ref_loss = rule.layer_loss(i, y1, y2, p, None)
         ref = torch.autograd.grad(ref_loss, list(leaves.values()))
         torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-        for (name, r) in zip(leaves, ref, strict=True):
+        for name, r in zip(leaves, ref, strict=True):
             assert r.abs().sum() > 0, f"layer {i} {name}: zero reference gradient"
             err = (grads[name] - r).norm() / r.norm()
             assert err < rtol, f"layer {i} {name}: relative error {err:.2e}"

@@ -22,8 +22,23 @@ def test_version(capsys):
 
 
 def test_train_json_and_probe(capsys, tmp_path):
-    code, out, _ = run(capsys, "train", "--rule", "clapp++", "--epochs", "1", "--subset", "256",
-                       "--batch-size", "32", "--width", "0.25", "--out", str(tmp_path), "--json")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--rule",
+        "clapp++",
+        "--epochs",
+        "1",
+        "--subset",
+        "256",
+        "--batch-size",
+        "32",
+        "--width",
+        "0.25",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     assert code in (0, None)
     r = json.loads(out)
     assert r["rule"] == "clapp++" and r["epochs"] == 1 and len(r["weights_digest"]) == 64
@@ -38,15 +53,18 @@ def test_rules_json(capsys):
     assert by_name["clapp++"]["local"] and not by_name["bp-infonce"]["local"]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "--rule", "hebb"], "valid: "),
-    (["train", "--data", "imagenet"], "valid: digits, mnist, cifar10"),
-    (["train", "--epochs", "0"], "--epochs must be positive"),
-    (["train", "--batch-size", "-3"], "--batch-size must be positive"),
-    (["train", "--subset", "0"], "--subset must be positive"),
-    (["train", "--hp", "pool"], "key=value"),
-    (["probe", "/nonexistent/run"], "no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--rule", "hebb"], "valid: "),
+        (["train", "--data", "imagenet"], "valid: digits, mnist, cifar10"),
+        (["train", "--epochs", "0"], "--epochs must be positive"),
+        (["train", "--batch-size", "-3"], "--batch-size must be positive"),
+        (["train", "--subset", "0"], "--subset must be positive"),
+        (["train", "--hp", "pool"], "key=value"),
+        (["probe", "/nonexistent/run"], "no checkpoint"),
+    ],
+)
 def test_bad_input_is_one_line(capsys, args, needle):
     code, _, err = run(capsys, *args)
     assert code == 2
@@ -66,8 +84,21 @@ def test_checkpoint_of_another_network(capsys, tmp_path):
 
     from edge import checkpoint
 
-    code, out, _ = run(capsys, "train", "--epochs", "1", "--subset", "64", "--batch-size", "32",
-                       "--width", "0.25", "--out", str(tmp_path), "--json")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--epochs",
+        "1",
+        "--subset",
+        "64",
+        "--batch-size",
+        "32",
+        "--width",
+        "0.25",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
     params, state, meta = checkpoint.load(tmp_path)
     params["enc.0.w"] = torch.zeros(3, 3)
     checkpoint.save(tmp_path / "checkpoint.safetensors", params, state, meta)
@@ -76,7 +107,8 @@ def test_checkpoint_of_another_network(capsys, tmp_path):
 
 
 def test_console_script_prints_no_traceback():
-    p = subprocess.run([sys.executable, "-m", "edge", "train", "--rule", "nope"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "edge", "train", "--rule", "nope"], capture_output=True, text=True
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: unknown rule 'nope'")
     assert "Traceback" not in p.stderr

@@ -25,8 +25,9 @@ def test_vgg6_matches_the_paper():
     assert [s.out_features for s in small.layers] == [16, 32, 32, 64, 128, 128]
 
 
-@pytest.mark.parametrize("name,shape", [("digits", (1, 8, 8)), ("mnist", (1, 28, 28)),
-                                        ("mlp", (1, 8, 8))])
+@pytest.mark.parametrize(
+    "name,shape", [("digits", (1, 8, 8)), ("mnist", (1, 28, 28)), ("mlp", (1, 8, 8))]
+)
 def test_presets_build_and_run(name, shape):
     net = preset(name, shape)
     params = init_params(net, torch.Generator().manual_seed(0))
@@ -41,26 +42,32 @@ def test_spec_round_trip():
     assert NetSpec.from_dict(net.to_dict()) == net
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: LayerSpec("attention", 1, 2),
-    lambda: LayerSpec("conv", 0, 2),
-    lambda: LayerSpec("linear", 3, 2, pool=True),
-    lambda: vgg([4, 4, 4, 4], [1, 2, 3, 4], (1, 8, 8)),  # pools 8 -> 4 -> 2 -> 1 -> ?
-    lambda: NetSpec("x", (1, 8, 8), (LayerSpec("conv", 2, 4),)),
-    lambda: preset("resnet", (3, 32, 32)),
-    lambda: preset("vgg6", (3, 32, 32), width=0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: LayerSpec("attention", 1, 2),
+        lambda: LayerSpec("conv", 0, 2),
+        lambda: LayerSpec("linear", 3, 2, pool=True),
+        lambda: vgg([4, 4, 4, 4], [1, 2, 3, 4], (1, 8, 8)),  # pools 8 -> 4 -> 2 -> 1 -> ?
+        lambda: NetSpec("x", (1, 8, 8), (LayerSpec("conv", 2, 4),)),
+        lambda: preset("resnet", (3, 32, 32)),
+        lambda: preset("vgg6", (3, 32, 32), width=0),
+    ],
+)
 def test_bad_specs_are_refused(bad):
     with pytest.raises(EdgeError):
         bad()
 
 
-@pytest.mark.parametrize("layer,shape", [
-    (LayerSpec("conv", 3, 5, pool=False), (4, 3, 6, 6)),
-    (LayerSpec("conv", 3, 5, pool=True), (4, 3, 6, 6)),
-    (LayerSpec("conv", 2, 3, pool=True), (3, 2, 7, 7)),  # odd size: the pool drops a row
-    (LayerSpec("linear", 12, 7), (4, 12)),
-])
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (LayerSpec("conv", 3, 5, pool=False), (4, 3, 6, 6)),
+        (LayerSpec("conv", 3, 5, pool=True), (4, 3, 6, 6)),
+        (LayerSpec("conv", 2, 3, pool=True), (3, 2, 7, 7)),  # odd size: the pool drops a row
+        (LayerSpec("linear", 12, 7), (4, 12)),
+    ],
+)
 def test_layer_backward_equals_autograd(layer, shape):
     g = torch.Generator().manual_seed(1)
     net_w = (layer.out_features, layer.in_features) + ((3, 3) if layer.kind == "conv" else ())

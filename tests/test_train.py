@@ -14,11 +14,21 @@ SMALL = dict(data="digits", subset=256, batch_size=32, width=0.25, net="digits")
 
 def test_train_writes_result_and_checkpoint(tmp_path):
     r = train(TrainConfig(rule="clapp++", epochs=1, **SMALL), tmp_path, progress=False)
-    for key in ("rule", "data", "epochs", "probe_accuracy", "random_probe_accuracy", "seconds",
-                "checkpoint", "weights_digest"):
+    for key in (
+        "rule",
+        "data",
+        "epochs",
+        "probe_accuracy",
+        "random_probe_accuracy",
+        "seconds",
+        "checkpoint",
+        "weights_digest",
+    ):
         assert key in r
     assert 0.1 < r["probe_accuracy"] <= 1.0
-    assert json.loads((tmp_path / "result.json").read_text())["weights_digest"] == r["weights_digest"]
+    assert (
+        json.loads((tmp_path / "result.json").read_text())["weights_digest"] == r["weights_digest"]
+    )
     params, _, meta = checkpoint.load(tmp_path)
     assert checkpoint.weights_digest(params) == r["weights_digest"]
     assert meta["epoch"] == 1
@@ -35,16 +45,21 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path, rule):
     train(half, tmp_path / "split", progress=False)
     resumed = train(cfg, tmp_path / "split", resume=True, progress=False)
     assert resumed["weights_digest"] == full["weights_digest"]
-    other = train(TrainConfig(rule=rule, epochs=2, seed=1, **SMALL), tmp_path / "s1",
-                  progress=False)
+    other = train(
+        TrainConfig(rule=rule, epochs=2, seed=1, **SMALL), tmp_path / "s1", progress=False
+    )
     assert other["weights_digest"] != full["weights_digest"]
 
 
 def test_resume_refuses_another_run(tmp_path):
     train(TrainConfig(rule="clapp++", epochs=1, **SMALL), tmp_path, progress=False)
     with pytest.raises(EdgeError, match="another run"):
-        train(TrainConfig(rule="clapp++", epochs=2, **{**SMALL, "width": 0.5}), tmp_path,
-              resume=True, progress=False)
+        train(
+            TrainConfig(rule="clapp++", epochs=2, **{**SMALL, "width": 0.5}),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -68,8 +83,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert meta["epoch"] == 1
 
 
-@pytest.mark.parametrize("kw", [{"epochs": 0}, {"batch_size": -1}, {"subset": 0},
-                                {"rule": "hebb"}, {"data": "imagenet"}])
+@pytest.mark.parametrize(
+    "kw", [{"epochs": 0}, {"batch_size": -1}, {"subset": 0}, {"rule": "hebb"}, {"data": "imagenet"}]
+)
 def test_bad_config(kw):
     with pytest.raises(EdgeError):
         TrainConfig(**kw)
@@ -77,8 +93,11 @@ def test_bad_config(kw):
 
 def test_batch_larger_than_data(tmp_path):
     with pytest.raises(EdgeError, match="larger than"):
-        train(TrainConfig(rule="clapp++", epochs=1, **{**SMALL, "subset": 16}), tmp_path,
-              progress=False)
+        train(
+            TrainConfig(rule="clapp++", epochs=1, **{**SMALL, "subset": 16}),
+            tmp_path,
+            progress=False,
+        )
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -30,10 +30,14 @@ PREDICTORS = ("auto", "full", "lowrank")
 
 class ClappPP(LocalRule):
     name = "clapp++"
-    description = "CLAPP++: per-layer contrastive hinge with 2D spatial dependence (the paper's best)"
+    description = (
+        "CLAPP++: per-layer contrastive hinge with 2D spatial dependence (the paper's best)"
+    )
     memory = "layer input and output of both views, the pooled D-vectors, B (D x D or rank r)"
 
-    def __init__(self, pool: int | list[int] | None = None, predictor: str = "auto", rank: int = 64):
+    def __init__(
+        self, pool: int | list[int] | None = None, predictor: str = "auto", rank: int = 64
+    ):
         if predictor not in PREDICTORS:
             raise EdgeError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
         if rank < 1:
@@ -53,7 +57,9 @@ class ClappPP(LocalRule):
 
     def check(self, net: NetSpec) -> None:
         shapes = net.shapes()
-        self.kernels = [pool_kernel(self._kernel_arg(i, len(shapes)), s, i) for i, s in enumerate(shapes)]
+        self.kernels = [
+            pool_kernel(self._kernel_arg(i, len(shapes)), s, i) for i, s in enumerate(shapes)
+        ]
 
     def pooled_dim(self, shape: tuple[int, ...], k: int) -> int:
         if len(shape) == 1:
@@ -74,7 +80,13 @@ class ClappPP(LocalRule):
         return {k: params[f"rule.{i}.{k}"] for k in ("B", "U", "V") if f"rule.{i}.{k}" in params}
 
     def layer_grads(
-        self, i: int, layer: LayerSpec, o1: LayerOut, o2: LayerOut, params: dict[str, Tensor], ctx: Any
+        self,
+        i: int,
+        layer: LayerSpec,
+        o1: LayerOut,
+        o2: LayerOut,
+        params: dict[str, Tensor],
+        ctx: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
         k = self.kernels[i]
         z1, z2 = avg_pool(o1.y, k), avg_pool(o2.y, k)
@@ -86,7 +98,9 @@ class ClappPP(LocalRule):
         grads.update({f"rule.{i}.{key}": g for key, g in gP.items()})
         return grads, loss
 
-    def layer_loss(self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any) -> Tensor:
+    def layer_loss(
+        self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any
+    ) -> Tensor:
         k = self.kernels[i]
         z1, z2 = avg_pool(y1, k), avg_pool(y2, k)
         return hinge.hinge_loss(z1, z2, z1.detach(), z2.detach(), self._predictor(i, params))

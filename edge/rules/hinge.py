@@ -37,12 +37,17 @@ def choose_kind(kind: str, d: int, dc: int, rank: int) -> str:
     return "lowrank" if rank * (d + dc) < d * dc else "full"
 
 
-def init_predictor(kind: str, d: int, dc: int, rank: int, gen: torch.Generator) -> dict[str, Tensor]:
+def init_predictor(
+    kind: str, d: int, dc: int, rank: int, gen: torch.Generator
+) -> dict[str, Tensor]:
     """Scores start near +-1 for O(1) activations: B entries have std 1/sqrt(d * dc)."""
     if kind == "full":
         return {"B": torch.randn(d, dc, generator=gen) / math.sqrt(d * dc)}
     s = (d * dc * rank) ** -0.25
-    return {"U": torch.randn(d, rank, generator=gen) * s, "V": torch.randn(dc, rank, generator=gen) * s}
+    return {
+        "U": torch.randn(d, rank, generator=gen) * s,
+        "V": torch.randn(dc, rank, generator=gen) * s,
+    }
 
 
 def predict(P: dict[str, Tensor], c: Tensor) -> Tensor:
