@@ -69,7 +69,7 @@ def measure(net: NetSpec, rule_name: str, batch: int, seed: int = 0) -> dict:
 def run(rules: list[str], batch: int = 32, width: float = 0.125) -> dict:
     net = preset("vgg6", (3, 32, 32), width)
     rows = [measure(net, r, batch) for r in rules]
-    return {"net": net.to_dict(), "batch": batch, "rows": rows}
+    return {"net": net.to_dict(), "width": width, "batch": batch, "rows": rows}
 
 
 if __name__ == "__main__":

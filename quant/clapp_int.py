@@ -73,7 +73,9 @@ def family_layout(rule, net: NetSpec) -> list[tuple[tuple[int, int], tuple[tuple
     return out
 
 
-def predictor(i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]) -> dict[str, Tensor]:
+def predictor(
+    i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """Forward (int8-valued) predictor matrices of one term, keyed B or U, V."""
     out = {}
     for k in ("B", "U", "V"):
@@ -177,7 +179,8 @@ class ClappFamilyInt:
                 grads[key + "U"] = saturate32(int_matmul(A.t(), T))
                 grads[key + "V"] = saturate32(int_matmul(C.t(), au))
         e = saturate(stochastic_shift(torch.cat(gz), lp.e_shift, err_noise), -W_MAX, W_MAX)
-        gw, gb = int_layer_backward(layer, out, window_spread(e, out.y.shape, lp.window))
+        e = window_spread(e, out.y.shape, lp.window)
+        gw, gb = int_layer_backward(layer, out, e, lp.x_signed)
         grads = {f"enc.{i}.w": gw, f"enc.{i}.b": gb, **grads}
         return grads, (loss.to(torch.float64) / (thr * 2 * n)).float()
 
@@ -194,4 +197,4 @@ def integer_form(rule) -> ClappFamilyInt:
 
 def error_shift(n_terms: int) -> int:
     """Bits to drop so that the sum of 2 * n_terms int8 predictions fits int8 again."""
-    return math.ceil(math.log2(2 * n_terms))
+    return math.ceil(math.log2(2 * n_terms)) if n_terms else 0

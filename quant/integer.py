@@ -93,7 +93,7 @@ def int_layer_forward(
         acc = int_matmul(x, w.t()) + b
         sel, hw = None, None
     else:
-        acc = int_conv2d(x, w) + b[None, :, None, None]
+        acc = int_conv2d(x, w, lp.x_signed) + b[None, :, None, None]
         sel, hw = None, None
         if layer.pool:
             hw = (acc.shape[2], acc.shape[3])
@@ -102,7 +102,9 @@ def int_layer_forward(
     return IntLayerOut(x, y, sel, hw)
 
 
-def int_layer_backward(layer: LayerSpec, out: IntLayerOut, e: Tensor) -> tuple[Tensor, Tensor]:
+def int_layer_backward(
+    layer: LayerSpec, out: IntLayerOut, e: Tensor, x_signed: bool = False
+) -> tuple[Tensor, Tensor]:
     """Integer dW, db (int32, saturating) from the int8 error `e` at the layer's output.
 
     Mask by y > 0 (the ReLU; exact at the max-pool's choice too), route through the max-pool,
@@ -113,7 +115,8 @@ def int_layer_backward(layer: LayerSpec, out: IntLayerOut, e: Tensor) -> tuple[T
         return saturate32(int_matmul(e.t(), widen(out.x))), saturate32(e.sum(0))
     if out.sel is not None:
         e = unpool(e, out.sel, out.full_hw)
-    return saturate32(int_conv2d_weight(widen(out.x), e)), saturate32(e.sum((0, 2, 3)))
+    gw = int_conv2d_weight(out.x, e, x_signed)
+    return saturate32(gw), saturate32(e.sum((0, 2, 3)))
 
 
 def window_sum(y: Tensor, window: tuple[int, int]) -> Tensor:
@@ -145,7 +148,9 @@ def window_spread(g: Tensor, y_shape: torch.Size, window: tuple[int, int]) -> Te
     return F.pad(g, (0, w - wp * kw, 0, h - hp * kh))
 
 
-def apply_update(pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+def apply_update(
+    pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor]:
     """store' = clamp(store + stochastic_shift(-grad, K, noise), lo, hi), cast back to the store
     dtype after the clamp; also returns how many elements the clamp touched."""
     new = widen(store) + stochastic_shift(-widen(grad), pp.lr_shift, noise)
@@ -164,7 +169,9 @@ def noise_shapes(plan: QuantPlan, qparams: dict[str, Tensor]) -> dict[str, tuple
     return dict(sorted(shapes.items()))
 
 
-def make_noise(plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
+def make_noise(
+    plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator
+) -> dict[str, Tensor]:
     """The random bits of one step: int32 uniform in [0, 2^16) for every `noise_shapes`
     entry, drawn from `gen` in sorted key order (reproducible from the generator's state)."""
     return {
@@ -173,7 +180,9 @@ def make_noise(plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator
     }
 
 
-def integer_forward(net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor) -> list[Tensor]:
+def integer_forward(
+    net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor
+) -> list[Tensor]:
     """Every layer's uint8 output for the int8 input x (the quantized network's inference)."""
     outs = []
     for i, layer in enumerate(net.layers):

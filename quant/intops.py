@@ -12,9 +12,12 @@ same code traces to ONNX. The rules, written once here:
 * `stochastic_shift(x, k, noise)`: floor((x + r) / 2^k) with r uniform in [0, 2^k) taken from
   explicit random bits, an unbiased rounding of x / 2^k.
 * `saturate(x, lo, hi)`: the clamp that precedes every narrowing cast.
-* `int_matmul`, `int_conv2d`, `int_conv2d_weight`: exact integer products with an int64
-  result. They compute in float64, which is exact here: all operands are integers and every
-  partial sum is bounded by sum |a||b| < 2^53 (the callers check the bounds that matter).
+* `int_matmul`: an int64 matrix product (ONNX: MatMul on int64), exact.
+* `int_conv2d`, `int_conv2d_weight`: 8-bit x 8-bit 3x3 convolutions with int32 results. Eager
+  torch computes them in float64, exact here (integer operands, every partial sum below
+  2^31 < 2^53); traced to ONNX they are `ConvInteger` (uint8|int8 x int8 -> int32), the
+  standard integer convolution. The weight-gradient conv sums over the batch in chunks small
+  enough that each chunk's int32 sum cannot overflow; the chunks add in int64.
 """
 
 from __future__ import annotations
@@ -87,27 +90,51 @@ def stochastic_shift(x: Tensor, k: int, noise: Tensor, noise_bits: int = NOISE_B
     return floor_shift(x + r, k)
 
 
-def _exact(y: Tensor) -> Tensor:
-    return y.to(torch.int64)
-
-
 def int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for integer matrices (..., M, K) x (K, N), exact, int64 result."""
-    return _exact(a.to(torch.float64) @ b.to(torch.float64))
+    """a @ b for integer matrices (M, K) x (K, N): int64 operands and result, exact."""
+    return widen(a) @ widen(b)
 
 
-def int_conv2d(x: Tensor, w: Tensor) -> Tensor:
-    """3x3, stride 1, padding 1 convolution of integer x (N, C, H, W) by w (O, C, 3, 3), exact."""
-    return _exact(F.conv2d(x.to(torch.float64), w.to(torch.float64), padding=1))
+class _ConvInteger(torch.autograd.Function):
+    """ONNX ConvInteger (padding 1, stride 1, no zero points): 8-bit operands, int32 result."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # noqa: ARG004
+        return F.conv2d(x.to(torch.float64), w.to(torch.float64), padding=1).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, x, w):  # the TorchScript exporter's hook
+        return g.op("ConvInteger", x, w, pads_i=[1, 1, 1, 1])
 
 
-def int_conv2d_weight(x: Tensor, e: Tensor) -> Tensor:
+def _as8(x: Tensor, signed: bool) -> Tensor:
+    """An 8-bit view of integer values already in range (uint8 [0, 255] or int8 [-128, 127])."""
+    return x.to(torch.int8 if signed else torch.uint8)
+
+
+def int_conv2d(x: Tensor, w: Tensor, x_signed: bool = False) -> Tensor:
+    """3x3, stride 1, padding 1 convolution of 8-bit x (N, C, H, W) by int8 w (O, C, 3, 3):
+    int64 result, exact (ConvInteger; the caller bounds fan-in x 255 x 127 below 2^31)."""
+    return _ConvInteger.apply(_as8(x, x_signed), _as8(w, True)).to(torch.int64)
+
+
+def conv_weight_chunk(h: int, w: int, x_max: int = 255, e_max: int = 127) -> int:
+    """Images per chunk such that one chunk's Hebbian sum stays inside int32."""
+    return max(1, INT32_MAX // (h * w * x_max * e_max))
+
+
+def int_conv2d_weight(x: Tensor, e: Tensor, x_signed: bool = False) -> Tensor:
     """The Hebbian product of a 3x3/padding-1 conv: gW[o, c, i, j] = sum_{n, h, w}
-    e[n, o, h, w] * x[n, c, h + i - 1, w + j - 1] (zero outside), exact, shape (O, C, 3, 3).
+    e[n, o, h, w] * x[n, c, h + i - 1, w + j - 1] (zero outside), shape (O, C, 3, 3), int64,
+    exact. x 8-bit, e int8 values.
 
     Written as a convolution of the input by the error with the batch as the channel axis
-    (the transposed-conv trick of `edge.nets.layer_backward`).
+    (the transposed-conv trick of `edge.nets.layer_backward`), over chunks of the batch.
     """
-    xt = x.to(torch.float64).transpose(0, 1)
-    et = e.to(torch.float64).transpose(0, 1)
-    return _exact(F.conv2d(xt, et, padding=1).transpose(0, 1))
+    xt, et = _as8(x, x_signed).transpose(0, 1), _as8(e, True).transpose(0, 1)
+    step = conv_weight_chunk(x.shape[2], x.shape[3])
+    total = None
+    for s in range(0, x.shape[0], step):
+        part = _ConvInteger.apply(xt[:, s : s + step], et[:, s : s + step]).to(torch.int64)
+        total = part if total is None else total + part
+    return total.transpose(0, 1)

@@ -88,7 +88,8 @@ class QuantEncoder(nn.Module):
         kw_in = _const_act(exponents.f_in, True) if exponents else {}
         self.inp = QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True,
                                  **kw_in)
-        wq = FrozenInt8WeightPerChannelFixedPoint if per_channel else FrozenInt8WeightPerTensorFixedPoint
+        wq = (FrozenInt8WeightPerChannelFixedPoint if per_channel
+              else FrozenInt8WeightPerTensorFixedPoint)
         self.layers, self.acts = nn.ModuleList(), nn.ModuleList()
         for i, spec in enumerate(net.layers):
             kw_w = {}

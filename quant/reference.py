@@ -155,16 +155,18 @@ def hinge(plan: QuantPlan, q: Arrays, i: int, z: np.ndarray, top: np.ndarray | N
             fV = plan.params[key + "V"].exponent - plan.params[key + "V"].shift
             t1 = requant8(c1 @ V, f_c + fV - lp.f_t)
             t2 = requant8(c2 @ V, f_c + fV - lp.f_t)
-            p1, p2 = requant8(t1 @ U.T, lp.f_t + fU - lp.f_q), requant8(t2 @ U.T, lp.f_t + fU - lp.f_q)
+            p1 = requant8(t1 @ U.T, lp.f_t + fU - lp.f_q)
+            p2 = requant8(t2 @ U.T, lp.f_t + fU - lp.f_q)
         else:
             B = fwd(plan, q, i, key + "B")
             fB = plan.params[key + "B"].exponent - plan.params[key + "B"].shift
             p1, p2 = requant8(c1 @ B.T, f_c + fB - lp.f_q), requant8(c2 @ B.T, f_c + fB - lp.f_q)
         nxt = lambda a: np.concatenate((a[1:], a[:1]))  # noqa: E731  row i <- row i + 1
         rows, ctxs, ts = [], [], []
+        t1, t2 = (t1, t2) if low else (c1, c2)  # unused for a full B
         for anchor, pred, ctx, t, sign, g in (
-            (z1, p2, c2, t2 if low else None, 1, g1), (z1, nxt(p2), nxt(c2), nxt(t2) if low else None, -1, g1),
-            (z2, p1, c1, t1 if low else None, 1, g2), (z2, nxt(p1), nxt(c1), nxt(t1) if low else None, -1, g2),
+            (z1, p2, c2, t2, 1, g1), (z1, nxt(p2), nxt(c2), nxt(t2), -1, g1),
+            (z2, p1, c1, t1, 1, g2), (z2, nxt(p1), nxt(c1), nxt(t1), -1, g2),
         ):
             u = (anchor * pred).sum(axis=1) * unit
             margin = thr - sign * u

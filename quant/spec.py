@@ -50,7 +50,9 @@ class QuantSpec:
         lowest = 2 if self.signed else 1
         if self.bits < lowest:
             kind = "signed" if self.signed else "unsigned"
-            raise EdgeError(f"{self.bits}-bit {kind} quantization is not supported; use >= {lowest}")
+            raise EdgeError(
+                f"{self.bits}-bit {kind} quantization is not supported; use >= {lowest}"
+            )
         if self.bits > MAX_BITS[self.role]:
             raise EdgeError(
                 f"{self.bits}-bit {self.role}s are not supported; "

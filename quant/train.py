@@ -90,7 +90,9 @@ def quant_step(
         params, state, metrics = qat_step(net, rule, opt, qs.plan, qs.params, qs.state, x1, x2)
         return replace(qs, params=params, state=state), metrics
     if x1.shape[0] != qs.plan.batch:
-        raise EdgeError(f"integer mode was calibrated for batches of {qs.plan.batch}, got {x1.shape[0]}")
+        raise EdgeError(
+            f"integer mode was calibrated for batches of {qs.plan.batch}, got {x1.shape[0]}"
+        )
     q1, q2 = quantize_input(x1, qs.plan.f_in), quantize_input(x2, qs.plan.f_in)
     noise = make_noise(qs.plan, qs.params, gen)
     params, metrics = integer_step(net, rule, qs.plan, qs.params, q1, q2, noise)

@@ -1,0 +1,95 @@
+"""Linear-probe accuracy of each rule beside BP-InfoNCE and the random encoder.
+
+Every run trains the same network on the same images for the same epochs with `edge.train`
+(one run directory each, so an interrupted profile resumes where it stopped), then probes
+the checkpoint twice: pooled features of all layers (the paper's probe) and of the last
+layer only (which separates methods more). The random encoder is the same network at its
+initialisation, probed the same way. Seeds give the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from edge import checkpoint
+from edge.data import load
+from edge.nets import NetSpec
+from edge.probe import probe_accuracy
+from edge.train import TrainConfig, build, initial_params, train
+
+
+def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:
+    params = {k: v.cpu() for k, v in params.items()}
+    return {layers: probe_accuracy(net, params, ds, layers) for layers in ("all", "last")}
+
+
+def run_one(cfg: TrainConfig, out: Path, data_dir: str | None, progress: bool) -> dict:
+    """Train (or resume) one run and probe it both ways; cached in out/bench.json."""
+    cache = out / "bench.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    r = train(cfg, out, data_dir=data_dir, resume=True, progress=progress)
+    ds = load(cfg.data, data_dir, cfg.subset)
+    params, _, meta = checkpoint.load(out)
+    net = NetSpec.from_dict(meta["net"])
+    row = {
+        "rule": cfg.rule,
+        "seed": cfg.seed,
+        "probe": _probe_both(net, params, ds),
+        "seconds": r["seconds"],
+        "final_loss": r["final_loss"],
+        "parameters": r["parameters"],
+    }
+    cache.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def random_encoder(cfg: TrainConfig, data_dir: str | None) -> dict:
+    ds = load(cfg.data, data_dir, cfg.subset)
+    net, rule = build(cfg, ds.in_shape)
+    return {
+        "rule": "random",
+        "seed": cfg.seed,
+        "probe": _probe_both(net, initial_params(cfg, net, rule), ds),
+    }
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Mean, min, max over seeds of each probe, per rule."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["rule"] for r in rows):
+        mine = [r for r in rows if r["rule"] == name]
+        entry: dict = {"seeds": [r["seed"] for r in mine]}
+        for layers in ("all", "last"):
+            vals = [r["probe"][layers] for r in mine]
+            entry[layers] = {
+                "mean": statistics.mean(vals),
+                "min": min(vals),
+                "max": max(vals),
+                "values": vals,
+            }
+        if "seconds" in mine[0]:
+            entry["seconds_mean"] = statistics.mean(r["seconds"] for r in mine)
+        out[name] = entry
+    return out
+
+
+def run(
+    rules: list[str],
+    seeds: list[int],
+    base: TrainConfig,
+    out: Path,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    rows = []
+    for seed in seeds:
+        for rule in rules:
+            cfg = TrainConfig(**{**base.to_dict(), "rule": rule, "seed": seed})
+            rows.append(run_one(cfg, out / f"{rule}-s{seed}", data_dir, progress))
+        rows.append(random_encoder(TrainConfig(**{**base.to_dict(), "seed": seed}), data_dir))
+    return {"config": base.to_dict(), "seeds": seeds, "rows": rows, "summary": summarise(rows)}

@@ -1,0 +1,169 @@
+"""results.json -> results.md (tables, goals met or missed with the gap) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GOALS = {
+    "accuracy_ratio": (">=", 1.00, "best local / BP-InfoNCE probe accuracy (all layers)"),
+    "memory_ratio": ("<=", 0.5, "local / backprop peak step memory, batch 32, 6 layers"),
+    "memory_floor_ratio": ("<=", 1.2, "local peak / physical floor"),
+    "speed_ratio_local_vs_bp": (">=", 1.0, "local / backprop samples per second, torch"),
+    "speed_ratio_onnxruntime_vs_torch": (">=", 1.0, "exported step in onnxruntime / torch eager"),
+    "quant_gap_points": ("<=", 1.0, "fp32 - int8-w16 integer CLAPP++ probe, points"),
+}
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def _pct(s: dict) -> str:
+    return f"{100 * s['mean']:.2f} [{100 * s['min']:.2f}-{100 * s['max']:.2f}]"
+
+
+def markdown(res: dict) -> str:
+    m, sec = res["machine"], res["sections"]
+    lines = [
+        f"# edge benchmarks: `{res['profile']}`",
+        "",
+        f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, {m['threads']} threads; {m['date']}; "
+        f"{res.get('seconds', 0) / 60:.0f} min in all.",
+        "",
+    ]
+    if "headline" in res:
+        lines += ["## Goals", "", "| figure | measured | goal | met |", "|---|---|---|---|"]
+        for key, (op, goal, what) in GOALS.items():
+            v = res["headline"].get(key)
+            if v is None:
+                lines.append(f"| {what} | not measured | {op} {goal} | - |")
+                continue
+            met = v >= goal if op == ">=" else v <= goal
+            lines.append(f"| {what} | {v:.3f} | {op} {goal} | {'yes' if met else 'no'} |")
+        lines += ["", f"Best local rule: `{res['headline']['best_local_rule']}`.", ""]
+    if acc := sec.get("accuracy"):
+        c = acc["config"]
+        lines += [
+            "## Linear-probe accuracy (%)",
+            "",
+            f"{c['data']}, {c['net']} x{c['width']}, {c['epochs']} epochs, batch "
+            f"{c['batch_size']}, {'all' if not c['subset'] else c['subset']} training "
+            f"images; mean [min-max] over seeds {acc['seeds']}.",
+            "",
+            "| encoder | probe: all layers | probe: last layer | train s |",
+            "|---|---|---|---|",
+        ]
+        for name, s in acc["summary"].items():
+            secs = f"{s['seconds_mean']:.0f}" if "seconds_mean" in s else "-"
+            lines.append(f"| {name} | {_pct(s['all'])} | {_pct(s['last'])} | {secs} |")
+        lines.append("")
+    if mem := sec.get("memory"):
+        lines += [
+            "## Peak memory of one step (measured, MemTracker)",
+            "",
+            f"{mem['net']['name']} ({mem['width']} width), batch {mem['batch']}.",
+            "",
+            "| rule | peak | transient | parameters+state | floor |",
+            "|---|---|---|---|---|",
+        ]
+        for r in mem["rows"]:
+            lines.append(
+                f"| {r['rule']} | {_mb(r['peak_bytes'])} | {_mb(r['transient_bytes'])} | "
+                f"{_mb(r['persistent_bytes'])} | {_mb(r['floor_bytes'])} |"
+            )
+        if s := mem.get("simulated_clapp++"):
+            lines.append(
+                f"\nSimulator, exported clapp++ step (host target, in-place bindings): "
+                f"peak {_mb(s['peak_bytes'])}, arena {_mb(s['arena_bytes'])}, "
+                f"lower bound {_mb(s['lower_bound_bytes'])}."
+            )
+        lines.append("")
+    if spd := sec.get("speed"):
+        lines += [
+            "## Speed (samples/s, torch eager)",
+            "",
+            f"{spd['net']}, batch {spd['batch']}, {spd['threads']} threads, "
+            f"{spd['repeats']} interleaved repeats: median [min-max].",
+            "",
+        ]
+        for k, v in spd["samples_per_s"].items():
+            lines.append(f"- {k}: {v['median']:.1f} [{v['min']:.1f}-{v['max']:.1f}]")
+        lines.append("")
+    if ort := sec.get("export_speed"):
+        lines += ["## Exported step (steps/s)", "", f"{ort['net']}, batch {ort['batch']}.", ""]
+        for k, v in ort["steps_per_s"].items():
+            lines.append(f"- {k}: {v['median']} [{v['min']}-{v['max']}]")
+        lines.append("")
+    if q := sec.get("quant"):
+        lines += [
+            "## Quantized CLAPP++ (MNIST, probe accuracy %)",
+            "",
+            f"{q['subset'] or 'all'} images, {q['epochs']} epoch(s); random encoder "
+            f"{q['random_probe']['all']:.2f} (all) / "
+            f"{q['random_probe']['last']:.2f} (last).",
+            "",
+            "| mode | all layers | last layer |",
+            "|---|---|---|",
+        ]
+        for k, r in q["runs"].items():
+            lines.append(f"| {k} | {r['probe']['all']:.2f} | {r['probe']['last']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if acc := res["sections"].get("accuracy"):
+        names = list(acc["summary"])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for j, layers in enumerate(("all", "last")):
+            s = [acc["summary"][n][layers] for n in names]
+            mean = [100 * x["mean"] for x in s]
+            err = [
+                [100 * (x["mean"] - x["min"]) for x in s],
+                [100 * (x["max"] - x["mean"]) for x in s],
+            ]
+            ax.bar(
+                [i + 0.4 * j for i in range(len(names))],
+                mean,
+                0.4,
+                yerr=err,
+                label=f"probe: {layers}",
+                capsize=3,
+            )
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+        ax.set_ylabel("test accuracy (%)")
+        lo = min(100 * acc["summary"][n][k]["min"] for n in names for k in ("all", "last"))
+        ax.set_ylim(max(0, lo - 5), None)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "accuracy.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if mem := res["sections"].get("memory"):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        names = [r["rule"] for r in mem["rows"]]
+        ax.bar(names, [r["peak_bytes"] / 2**20 for r in mem["rows"]], label="peak")
+        ax.bar(
+            names,
+            [r["persistent_bytes"] / 2**20 for r in mem["rows"]],
+            label="parameters + optimizer state",
+        )
+        ax.set_ylabel("MiB")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "memory.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(res: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(res))
+    plots(res, out)
