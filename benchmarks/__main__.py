@@ -126,8 +126,8 @@ def quant_section(data_dir: str | None, subset: int | None, epochs: int) -> dict
 
 def simulated_step_bytes(width: float, batch: int) -> dict:
     """The simulator's peak for the exported fp32 CLAPP++ step (in-place bindings)."""
-    from edge.memory.simulate import SimOptions, simulate
     from edge.memory.onnx_graph import GraphOptions
+    from edge.memory.simulate import SimOptions, simulate
     from edge.nets import init_params, preset
     from edge.optim import OptimConfig
     from edge.rules import get

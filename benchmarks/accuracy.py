@@ -13,8 +13,6 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
 from edge import checkpoint
 from edge.data import load
 from edge.nets import NetSpec
