@@ -111,7 +111,7 @@ def run(config: str, args, ds, net, rule) -> dict:
     elif config == "fp32-sgdn":
         lrs = sgdn_lrs(net, rule, params, calib, args.lr)
     n, bs = ds.x_train.shape[0], args.batch_size
-    history = []
+    history, clipped = [], 0
     for epoch in range(args.epochs):
         gen = epoch_generator(args.seed, epoch)
         perm = torch.randperm(n, generator=gen)
@@ -125,6 +125,7 @@ def run(config: str, args, ds, net, rule) -> dict:
             else:
                 params, state, m = train_step(net, rule, opt, params, state, v1, v2)
             total += float(m["loss"])
+            clipped += int(m.get("clipped", 0))
         history.append(round(total / (n // bs), 4))
         print(f"  {config} epoch {epoch + 1}: loss {history[-1]}", flush=True)
     train_s = time.perf_counter() - t0
@@ -132,7 +133,7 @@ def run(config: str, args, ds, net, rule) -> dict:
         acc = probe(lambda x: quant_encode(net, qs, x), ds)
     else:
         acc = probe(lambda x: encode(net, params, x), ds)
-    return {"config": config, "probe": acc, "loss_history": history,
+    return {"config": config, "probe": acc, "loss_history": history, "clipped": clipped,
             "train_seconds": round(train_s, 1), "plan": info}
 
 
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--skip-random", action="store_true", help="no random-encoder probe")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     ds = load(args.data, args.data_dir, args.subset)
@@ -166,9 +168,10 @@ def main() -> None:
     rule.check(net)
     results = {"data": args.data, "subset": args.subset, "epochs": args.epochs,
                "net": net.to_dict(), "rule": args.rule, "lr": args.lr, "runs": []}
-    init = initial_params(_cfg(args), net, rule)
-    results["random_probe"] = probe(lambda x: encode(net, init, x), ds)
-    print(f"random encoder: {results['random_probe']}", flush=True)
+    if not args.skip_random:
+        init = initial_params(_cfg(args), net, rule)
+        results["random_probe"] = probe(lambda x: encode(net, init, x), ds)
+        print(f"random encoder: {results['random_probe']}", flush=True)
     for config in args.configs.split(","):
         r = run(config, args, ds, net, rule)
         print(f"{config}: probe {r['probe']} ({r['train_seconds']} s)", flush=True)

@@ -88,6 +88,9 @@ def train(
         Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
+    alignment: Annotated[
+        bool, typer.Option(help="Per-layer cosine of the update with the BP-InfoNCE gradient.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train an encoder with a learning rule, then linear-probe it."""
@@ -110,6 +113,7 @@ def train(
         probe_layers=probe_layers,
         device=device,
         runtime=runtime,
+        alignment=alignment,
     )
     make_step = None
     if runtime != "torch":
@@ -135,6 +139,8 @@ def train(
     t.add_row("final loss", f"{result['final_loss']:.4f}")
     for k, v in result["parameters"].items():
         t.add_row(f"{k} parameters", f"{v:,}")
+    if result["alignment"]:
+        t.add_row("alignment per layer", " ".join(f"{a:+.3f}" for a in result["alignment"]))
     t.add_row("checkpoint", result["checkpoint"])
     out_console.print(t)
 
@@ -178,6 +184,21 @@ def probe(
         out_console.print(
             f"{cfg['rule']} on {cfg['data']} (epoch {meta['epoch']}): probe accuracy {acc:.4f}"
         )
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A directory `edge train --out` wrote.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Draw a run's training curve (and alignment, if recorded) as PNG beside it."""
+    from edge.plot import plot_run
+
+    paths = [str(p) for p in plot_run(run_dir)]
+    if as_json:
+        _emit({"run": str(run_dir), "plots": paths})
+    else:
+        out_console.print("\n".join(paths))
 
 
 @app.command(name="rules")

@@ -47,7 +47,8 @@ def local_step(
             new_params[name], upd = opt.update(name, params[name], g, state, step)
             new_state.update(upd)
         losses.append(loss)
-        x1, x2 = o1.y, o2.y
+        x1, x2 = rule.next_input(i, o1.y), rule.next_input(i, o2.y)
+        ctx = rule.next_context(i, params, ctx)  # reads layer i+1's weights: not yet updated
         del o1, o2, grads  # this layer's working set dies here
     new_state["step"] = step
     layer_loss = torch.stack(losses)

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edge import checkpoint, rules
+from edge.alignment import alignment
 from edge.data import DATASETS, default_views, load, two_views
 from edge.errors import EdgeError
 from edge.nets import NetSpec, default_preset, init_params, preset
@@ -51,6 +52,7 @@ class TrainConfig:
     probe_layers: str = "all"
     device: str = "cpu"  # where the step runs; not part of the run's identity
     runtime: str = "torch"  # what executes the step (torch | onnxruntime | openvino); recorded
+    alignment: bool = False  # measure per-layer cosine(rule update, BP-InfoNCE gradient)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -64,6 +66,10 @@ class TrainConfig:
             raise EdgeError(f"unknown data set {self.data!r}; valid: {', '.join(DATASETS)}")
         if self.rule not in rules.names():
             raise EdgeError(f"unknown rule {self.rule!r}; valid: {', '.join(rules.names())}")
+        if self.alignment and not rules.get(self.rule, **self.rule_hparams).is_local:
+            raise EdgeError(
+                f"--alignment compares a local rule with backprop; {self.rule} is global"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EdgeError(f"--device {self.device}: no CUDA device here; use --device cpu")
 
@@ -77,7 +83,7 @@ class TrainConfig:
     def same_run(self, other: TrainConfig) -> bool:
         """Everything but the epoch count must match for a resume to continue the same run."""
         mine, theirs = self.to_dict(), other.to_dict()
-        for key in ("epochs", "device", "runtime"):
+        for key in ("epochs", "device", "runtime", "alignment"):
             mine.pop(key), theirs.pop(key)
         return mine == theirs
 
@@ -126,7 +132,7 @@ def train(
     start, history = 0, []
     if resume and ckpt_path.exists():
         params, state, meta = checkpoint.load(ckpt_path)
-        old = TrainConfig(**{"device": "cpu", "runtime": "torch", **meta["config"]})
+        old = TrainConfig(**{**TrainConfig().to_dict(), **meta["config"]})
         if not cfg.same_run(old):
             raise EdgeError(f"{ckpt_path} belongs to another run ({old}); use another --out")
         start, history = meta["epoch"], meta["history"]
@@ -156,10 +162,12 @@ def train(
         for epoch in range(start, cfg.epochs):
             gen = epoch_generator(cfg.seed, epoch)
             perm = torch.randperm(n, generator=gen)
-            total = 0.0
+            total, align = 0.0, []
             for s in range(steps):
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                 v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
+                if cfg.alignment:  # before the step: the update it is about to make
+                    align.append(alignment(net, rule, params, v1, v2, seed=cfg.seed))
                 params, state, metrics = step_fn(params, state, v1, v2, donate=True)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
@@ -173,6 +181,8 @@ def train(
                 total += loss
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
             history.append({"epoch": epoch + 1, "loss": total / steps})
+            if align:  # mean over the epoch's batches, per layer
+                history[-1]["alignment"] = [sum(col) / len(col) for col in zip(*align, strict=True)]
             meta = {
                 "config": cfg.to_dict(),
                 "net": net.to_dict(),
@@ -196,6 +206,7 @@ def train(
         "random_probe_accuracy": random_probe,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
+        "alignment": _mean_alignment(history),
         "parameters": param_counts(params),
         "seconds": round(time.perf_counter() - t0, 2),
         "checkpoint": str(ckpt_path),
@@ -204,6 +215,11 @@ def train(
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _mean_alignment(history: list[dict]) -> list[float] | None:
+    rows = [h["alignment"] for h in history if "alignment" in h]
+    return [sum(col) / len(col) for col in zip(*rows, strict=True)] if rows else None
 
 
 def param_counts(params: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -44,6 +44,7 @@ from quant.plan import (
 from quant.spec import INT8_ACT, pow2_exponent, quantize
 
 HEADROOM = {"weight": 0, "predictor": 2, "prediction": 1}
+F_LIMIT = 24  # calibrated prediction exponents stay in [-24, 24]
 LR_MODES = ("normalized", "sgd")
 Views = list[tuple[Tensor, Tensor]]
 
@@ -110,8 +111,10 @@ def _predictors(i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]
 def prediction_exponents(
     net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], views: Views, headroom: int
 ) -> QuantPlan:
-    """f_q, f_t, f_au of every layer from the maxima over the calibration batches."""
-    maxima = [[1e-12, 1e-12, 1e-12] for _ in net.layers]
+    """f_q, f_t, f_au of every layer from the maxima over the calibration batches (clamped to
+    [-F_LIMIT, F_LIMIT]: a layer that is silent during calibration gets a finite scale; 0
+    where a tensor does not exist, e.g. f_t for a full B)."""
+    maxima = [[0.0, 0.0, 0.0] for _ in net.layers]
     for x1, x2 in views:
         x = quantize_input(torch.cat((x1, x2)), plan.f_in)
         codes = _codes(net, plan, qparams, x)
@@ -129,9 +132,15 @@ def prediction_exponents(
                     maxima[i][1] = max(maxima[i][1], float(t.abs().max()))
                     maxima[i][2] = max(maxima[i][2], float((z @ P["U"]).abs().max()))
                 maxima[i][0] = max(maxima[i][0], float(q.abs().max()))
+    def exp(m: float, room: int, used: bool = True) -> int:
+        if not used:
+            return 0
+        f = pow2_exponent(m, W_MAX) - room if m > 0 else F_LIMIT
+        return max(-F_LIMIT, min(F_LIMIT, f))
+
     layers = tuple(
-        replace(lp, f_q=pow2_exponent(m[0], W_MAX) - headroom,
-                f_t=pow2_exponent(m[1], W_MAX) - headroom, f_au=pow2_exponent(m[2], W_MAX))
+        replace(lp, f_q=exp(m[0], headroom), f_t=exp(m[1], headroom, m[1] > 0),
+                f_au=exp(m[2], 0, m[2] > 0))
         for lp, m in zip(plan.layers, maxima, strict=True)
     )
     return replace(plan, layers=layers)

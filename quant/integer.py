@@ -12,7 +12,8 @@ Bit widths of one layer (f_* are the plan's exponents, scales 2^-f):
   acc    int32 = conv(x, w) + b (b int32 at f_x + f_w); |acc| < 2^31 checked at plan time
   pool   2x2 max of acc, the first maximum in (0,0), (0,1), (1,0), (1,1) order wins
   y      uint8 = clamp(round_shift(acc, f_x + f_w - f_y), 0, 255)   (the ReLU is the clamp)
-  e      int8 error at y (from the rule), masked by y > 0 and routed to the max-pool's choice
+  e      int8 error at y (from the rule, stochastically rounded), masked by y > 0 and routed
+         to the max-pool's choice
   GW     int32 (saturating) = sum over batch and positions of e x   (the Hebbian product)
   Gb     int32 (saturating) = sum of e
   update store' = clamp(store + stochastic_shift(-G, K, noise), lo, hi), cast to the store dtype
@@ -75,12 +76,14 @@ def max_pool_first(acc: Tensor) -> tuple[Tensor, Tensor]:
 
 def unpool(g: Tensor, sel: Tensor, hw: tuple[int, int]) -> Tensor:
     """Adjoint of `max_pool_first`: each pooled value goes to its chosen position, zeros else."""
-    n, c, hp, wp = g.shape
-    s = widen(sel)
-    parts = [g * (s == k).to(g.dtype) for k in range(4)]
-    top = torch.stack(parts[:2], -1).reshape(n, c, hp, 2 * wp)
-    bottom = torch.stack(parts[2:], -1).reshape(n, c, hp, 2 * wp)
-    full = torch.stack((top, bottom), 3).reshape(n, c, 2 * hp, 2 * wp)
+    def up(t: Tensor) -> Tensor:
+        return t.repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    hp, wp = g.shape[2], g.shape[3]
+    rows = torch.arange(2 * hp).remainder(2)[:, None]
+    cols = torch.arange(2 * wp).remainder(2)[None, :]
+    where = 2 * rows + cols  # which of the four positions each full-map cell is
+    full = up(g) * (up(widen(sel)) == where).to(g.dtype)
     return F.pad(full, (0, hw[1] - 2 * wp, 0, hw[0] - 2 * hp))
 
 
@@ -88,13 +91,12 @@ def int_layer_forward(
     layer: LayerSpec, lp: LayerPlan, w: Tensor, b: Tensor, x: Tensor
 ) -> IntLayerOut:
     """acc = x * w + b (int32), max-pool on acc, y = clamp(round_shift(acc), 0, 255) as uint8."""
+    sel, hw = None, None
     if layer.kind == "linear":
         x = x.flatten(1)
         acc = int_matmul(x, w.t()) + b
-        sel, hw = None, None
     else:
         acc = int_conv2d(x, w, lp.x_signed) + b[None, :, None, None]
-        sel, hw = None, None
         if layer.pool:
             hw = (acc.shape[2], acc.shape[3])
             acc, sel = max_pool_first(acc)
@@ -203,10 +205,10 @@ def integer_step(
 ) -> tuple[dict[str, Tensor], Metrics]:
     """One integer training step of a local rule; returns the new stores and metrics.
 
-    x1, x2: the two views, int8 at the plan's input exponent (`quant.train.quantize_input`).
-    noise: `make_noise` output. The rule needs an integer form (`quant.clapp_int.integer_form`),
-    else EdgeError. Metrics: loss (float, dequantized from the integer hinge), layer_loss,
-    clipped (how many stored elements hit their range this step).
+    x1, x2: the two views, int8 at the plan's input exponent (`quant.calibrate.quantize_input`).
+    noise: `make_noise` output (keys and shapes: `noise_shapes`). The rule needs an integer
+    form (`quant.clapp_int.integer_form`), else EdgeError. Metrics: loss (float, dequantized
+    from the integer hinge), layer_loss, clipped (stored elements that hit their range).
     """
     from quant.clapp_int import integer_form
 

@@ -12,7 +12,8 @@ same code traces to ONNX. The rules, written once here:
 * `stochastic_shift(x, k, noise)`: floor((x + r) / 2^k) with r uniform in [0, 2^k) taken from
   explicit random bits, an unbiased rounding of x / 2^k.
 * `saturate(x, lo, hi)`: the clamp that precedes every narrowing cast.
-* `int_matmul`: an int64 matrix product (ONNX: MatMul on int64), exact.
+* `int_matmul`: an integer matrix product, int64 result, exact (eager in float64; ONNX:
+  MatMul on int64).
 * `int_conv2d`, `int_conv2d_weight`: 8-bit x 8-bit 3x3 convolutions with int32 results. Eager
   torch computes them in float64, exact here (integer operands, every partial sum below
   2^31 < 2^53); traced to ONNX they are `ConvInteger` (uint8|int8 x int8 -> int32), the
@@ -90,9 +91,33 @@ def stochastic_shift(x: Tensor, k: int, noise: Tensor, noise_bits: int = NOISE_B
     return floor_shift(x + r, k)
 
 
+class _MatMul(torch.autograd.Function):
+    """Integer matrix product; eager in float64 (exact while sum |a||b| < 2^53, far above any
+    operand range of the step), traced as ONNX MatMul on int64."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # noqa: ARG004
+        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+
+    @staticmethod
+    def symbolic(g, a, b):  # the TorchScript exporter's hook
+        return g.op("MatMul", a, b)
+
+
 def int_matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for integer matrices (M, K) x (K, N): int64 operands and result, exact."""
-    return widen(a) @ widen(b)
+    return _MatMul.apply(widen(a), widen(b))
+
+
+def _conv_eager(x: Tensor, w: Tensor) -> Tensor:
+    """Exact conv of 8-bit integer tensors in float64 (every partial sum is far below 2^53)."""
+    return F.conv2d(x.to(torch.float64), w.to(torch.float64), padding=1).to(torch.int64)
+
+
+def _conv_weight_eager(x: Tensor, e: Tensor) -> Tensor:
+    """Exact Hebbian sum (O, C, 3, 3) by the transposed-conv trick, in float64."""
+    xt, et = x.to(torch.float64).transpose(0, 1), e.to(torch.float64).transpose(0, 1)
+    return F.conv2d(xt, et, padding=1).transpose(0, 1).to(torch.int64)
 
 
 class _ConvInteger(torch.autograd.Function):
@@ -100,11 +125,26 @@ class _ConvInteger(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # noqa: ARG004
-        return F.conv2d(x.to(torch.float64), w.to(torch.float64), padding=1).to(torch.int32)
+        return _conv_eager(x, w).to(torch.int32)
 
     @staticmethod
     def symbolic(g, x, w):  # the TorchScript exporter's hook
         return g.op("ConvInteger", x, w, pads_i=[1, 1, 1, 1])
+
+
+class _ConvIntegerWeight(torch.autograd.Function):
+    """The Hebbian product as ConvInteger of the transposed tensors (batch as channels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, e: Tensor) -> Tensor:  # noqa: ARG004
+        return _conv_weight_eager(x, e).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, x, e):
+        xt = g.op("Transpose", x, perm_i=[1, 0, 2, 3])
+        et = g.op("Transpose", e, perm_i=[1, 0, 2, 3])
+        gw = g.op("ConvInteger", xt, et, pads_i=[1, 1, 1, 1])
+        return g.op("Transpose", gw, perm_i=[1, 0, 2, 3])
 
 
 def _as8(x: Tensor, signed: bool) -> Tensor:
@@ -128,13 +168,14 @@ def int_conv2d_weight(x: Tensor, e: Tensor, x_signed: bool = False) -> Tensor:
     e[n, o, h, w] * x[n, c, h + i - 1, w + j - 1] (zero outside), shape (O, C, 3, 3), int64,
     exact. x 8-bit, e int8 values.
 
-    Written as a convolution of the input by the error with the batch as the channel axis
-    (the transposed-conv trick of `edge.nets.layer_backward`), over chunks of the batch.
+    A convolution of the input by the error with the batch as the channel axis (the
+    transposed-conv trick of `edge.nets.layer_backward`), one ConvInteger per chunk of the
+    batch whose int32 sum cannot overflow; the chunks add in int64.
     """
-    xt, et = _as8(x, x_signed).transpose(0, 1), _as8(e, True).transpose(0, 1)
-    step = conv_weight_chunk(x.shape[2], x.shape[3])
+    x8, e8 = _as8(x, x_signed), _as8(e, True)
+    step = conv_weight_chunk(int(x.shape[2]), int(x.shape[3]))
     total = None
     for s in range(0, x.shape[0], step):
-        part = _ConvInteger.apply(xt[:, s : s + step], et[:, s : s + step]).to(torch.int64)
+        part = _ConvIntegerWeight.apply(x8[s : s + step], e8[s : s + step]).to(torch.int64)
         total = part if total is None else total + part
-    return total.transpose(0, 1)
+    return total

@@ -112,3 +112,16 @@ def test_console_script_prints_no_traceback():
     )
     assert p.returncode == 2 and p.stderr.startswith("error: unknown rule 'nope'")
     assert "Traceback" not in p.stderr
+
+
+def test_alignment_and_plot(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+                       "--width", "0.25", "--alignment", "--out", str(tmp_path), "--json")
+    r = json.loads(out)
+    assert len(r["alignment"]) == 3 and all(-1 <= a <= 1 for a in r["alignment"])
+    assert r["history"][0]["alignment"] == r["alignment"]
+    code, out, _ = run(capsys, "plot", str(tmp_path), "--json")
+    plots = json.loads(out)["plots"]
+    assert {p.rsplit("/", 1)[1] for p in plots} == {"loss.png", "alignment.png"}
+    code, _, err = run(capsys, "train", "--rule", "bp-infonce", "--alignment")
+    assert code == 2 and "is global" in err

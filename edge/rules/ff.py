@@ -92,7 +92,7 @@ class ForwardForward(LocalRule):
         """The negatives' pass through layer 0; `next_context` carries it up."""
         w, b = layer_params(params, 0)
         neg = layer_forward(net.layers[0], w, b, self.negatives(x1, x2))
-        return {"layers": net.layers, "neg": neg}
+        return {"layers": net.layers, "i": 0, "neg": neg}
 
     def next_input(self, i: int, y: Tensor) -> Tensor:
         dims = tuple(range(1, y.dim()))
@@ -104,7 +104,7 @@ class ForwardForward(LocalRule):
             return ctx
         w, b = layer_params(params, i + 1)
         x = self.next_input(i, ctx["neg"].y)
-        return {"layers": layers, "neg": layer_forward(layers[i + 1], w, b, x)}
+        return {"layers": layers, "i": i + 1, "neg": layer_forward(layers[i + 1], w, b, x)}
 
     def layer_grads(
         self,
@@ -115,6 +115,9 @@ class ForwardForward(LocalRule):
         params: dict[str, Tensor],
         ctx: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
+        if ctx["i"] != i:
+            raise EdgeError(f"ff: layer {i} got the negatives of layer {ctx['i']}; the step "
+                            "must call rule.next_context after each layer (see LocalRule)")
         n, th = o1.y.shape[0], self.threshold
         loss, gws, gbs = o1.y.new_zeros(()), [], []
         for o, sign, weight in ((o1, 1.0, 0.5), (o2, 1.0, 0.5), (ctx["neg"], -1.0, 1.0)):
