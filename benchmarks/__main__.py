@@ -141,7 +141,7 @@ def simulated_step_bytes(width: float, batch: int) -> dict:
     params.update(rule.init(net, gen))
     opt = OptimConfig("adamw", lr=1e-3)
     model, manifest = training_step(net, rule, opt, params, opt.init_state(params), batch)
-    opts = SimOptions(graph=GraphOptions.from_manifest(json.loads(manifest.to_json())))
+    opts = SimOptions(graph=GraphOptions.from_manifest(manifest.step.memory_view()))
     report = simulate(model, "host", opts)
     return {
         "peak_bytes": report.peak_bytes,

@@ -75,6 +75,15 @@ class GraphIO:
         """Inputs carried from step to step (parameters and optimizer state)."""
         return tuple(inp for _, inp in self.bindings)
 
+    def memory_view(self) -> dict[str, Any]:
+        """What the memory simulator reads: bindings, parameter and optimizer-state names."""
+        bound = dict(self.bindings)
+        return {
+            "bindings": bound,
+            "param_names": [i for i in bound.values() if i.startswith("params/")],
+            "state_names": [i for i in bound.values() if not i.startswith("params/")],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file,

@@ -52,48 +52,107 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
-def sim_options(*, manifest: Mapping[str, Any] | None = None, batch: int | None = None,
-                dims: Mapping[str, int] | None = None, persistent: str = "auto",
-                inplace: bool = True) -> SimOptions:
+def sim_options(
+    *,
+    manifest: Mapping[str, Any] | None = None,
+    batch: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    persistent: str = "auto",
+    inplace: bool = True,
+) -> SimOptions:
     graph = GraphOptions.from_manifest(manifest, dims=dict(dims or {}), batch_size=batch)
     return SimOptions(persistent=persistent, inplace=inplace, graph=graph)
 
 
-def run_simulation(model: ModelProto | str | Path | bytes, target: Target | str | Path, *,
-                   manifest: Mapping[str, Any] | None = None, batch: int | None = None,
-                   dims: Mapping[str, int] | None = None, persistent: str = "auto",
-                   inplace: bool = True) -> MemoryReport:
+def run_simulation(
+    model: ModelProto | str | Path | bytes,
+    target: Target | str | Path,
+    *,
+    manifest: Mapping[str, Any] | None = None,
+    batch: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    persistent: str = "auto",
+    inplace: bool = True,
+) -> MemoryReport:
     """Simulate `model` on `target`; `manifest` = {bindings, param_names, state_names}."""
-    options = sim_options(manifest=manifest, batch=batch, dims=dims, persistent=persistent,
-                          inplace=inplace)
+    options = sim_options(
+        manifest=manifest, batch=batch, dims=dims, persistent=persistent, inplace=inplace
+    )
     return simulate(model, load_target(target), options)
 
 
 def simulate_cmd(
     target: Annotated[str, typer.Option("--target", help="Catalog name or a target .toml file.")],
-    model: Annotated[Path, typer.Option("--model", help="ONNX graph (.onnx) to simulate.")],
-    batch: Annotated[int | None, typer.Option("--batch", help="Batch size for a dynamic batch "
-                                              "dim.")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="ONNX graph (.onnx) to simulate.")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="A bundle `edge export` wrote.")
+    ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option(
+            "--rule",
+            help="Export this rule's step and simulate it, "
+            "beside backprop (BP-InfoNCE) on the same network.",
+        ),
+    ] = None,
+    data: Annotated[str, typer.Option("--data", help="Input shape for --rule.")] = "cifar10",
+    net: Annotated[str | None, typer.Option("--net", help="Network preset for --rule.")] = None,
+    width: Annotated[float, typer.Option("--width", help="Width multiplier for --rule.")] = 1.0,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="Batch size for a dynamic batch dim.")
+    ] = None,
     dim: Annotated[list[str], typer.Option("--dim", help="Dynamic dim name=N (repeatable).")] = [],  # noqa: B006
-    manifest: Annotated[Path | None, typer.Option(
-        "--manifest", help="JSON: {bindings: {new: param}, param_names, state_names}.")] = None,
-    persistent: Annotated[str, typer.Option(
-        "--persistent", help=f"Where parameters/optimizer state live: {' | '.join(POLICIES)}."
-    )] = "auto",
-    inplace: Annotated[bool, typer.Option(
-        "--inplace/--no-inplace", help="Let new parameters overwrite the old in place.")] = True,
-    max_batch: Annotated[bool, typer.Option(
-        "--max-batch", help="Also search the largest batch that fits.")] = False,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest", help="JSON: {bindings: {new: param}, param_names, state_names}."
+        ),
+    ] = None,
+    persistent: Annotated[
+        str,
+        typer.Option(
+            "--persistent", help=f"Where parameters/optimizer state live: {' | '.join(POLICIES)}."
+        ),
+    ] = "auto",
+    inplace: Annotated[
+        bool,
+        typer.Option(
+            "--inplace/--no-inplace", help="Let new parameters overwrite the old in place."
+        ),
+    ] = True,
+    max_batch: Annotated[
+        bool, typer.Option("--max-batch", help="Also search the largest batch that fits.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG timeline.")] = None,
 ) -> None:
     """Simulate a graph on a device: fits?, peak, arena plan, and where every tensor lives."""
+    from edge.commands import sim_sources
+
+    bp_report = None
     try:
+        if sum(x is not None for x in (model, bundle, rule)) != 1:
+            raise EdgeError("give exactly one of --model FILE.onnx, --bundle DIR, --rule NAME")
         tgt = load_target(target)
-        options = sim_options(manifest=read_manifest(manifest) if manifest else None,
-                              batch=batch, dims=parse_dims(dim), persistent=persistent,
-                              inplace=inplace)
+        man = read_manifest(manifest) if manifest else None
+        if bundle is not None:
+            model, man = sim_sources.from_bundle(bundle)
+        elif rule is not None:
+            if batch is not None and batch < 2:
+                raise EdgeError(
+                    "--batch must be at least 2 for a rule (negatives come from the batch)"
+                )
+            batch = batch or 32
+            model, man = sim_sources.from_rule(rule, data, net, width, batch)
+        options = sim_options(
+            manifest=man, batch=batch, dims=parse_dims(dim), persistent=persistent, inplace=inplace
+        )
         report = simulate(model, tgt, options)
+        if rule is not None:
+            bp = sim_sources.backprop_schedule(data, net, width, batch)
+            bp_report = simulate(bp, tgt, SimOptions(persistent=persistent, inplace=inplace))
         best = max_batch_that_fits(model, tgt, options) if max_batch else None
         if plot is not None:
             plot_timeline(report, plot)
@@ -102,6 +161,11 @@ def simulate_cmd(
         raise typer.Exit(2) from None
     if as_json:
         obj = report.to_dict()
+        if bp_report is not None:
+            obj["rule"] = rule
+            obj["backprop_peak_bytes"] = bp_report.peak_bytes
+            obj["backprop_fits"] = bp_report.fits
+            obj["local_vs_backprop_peak"] = report.peak_bytes / bp_report.peak_bytes
         if max_batch:
             obj["max_batch"] = best
         if plot is not None:
@@ -110,6 +174,12 @@ def simulate_cmd(
         return
     console = Console()
     render_table(report, console)
+    if bp_report is not None:
+        console.print(
+            f"backprop (bp-infonce, same network): peak {bp_report.peak_bytes:,} B, "
+            f"fits: {'yes' if bp_report.fits else 'no'}; local / backprop peak "
+            f"{report.peak_bytes / bp_report.peak_bytes:.2f}"
+        )
     if max_batch:
         shown = best if best is not None else "none (batch 1 does not fit)"
         console.print(f"largest batch that fits: {shown}")
