@@ -65,8 +65,10 @@ def probe(encode_fn, ds) -> dict[str, float]:
 def calibration_views(ds, views, n_batches: int, bs: int, seed: int):
     gen = torch.Generator().manual_seed(seed + 99_991)
     idx = torch.randperm(ds.x_train.shape[0], generator=gen)[: n_batches * bs]
-    return [two_views(ds.x_train[idx[i * bs : (i + 1) * bs]], gen, views, ds.mean, ds.std)
-            for i in range(n_batches)]
+    return [
+        two_views(ds.x_train[idx[i * bs : (i + 1) * bs]], gen, views, ds.mean, ds.std)
+        for i in range(n_batches)
+    ]
 
 
 def sgdn_lrs(net, rule, params, calib, lr):
@@ -133,15 +135,27 @@ def run(config: str, args, ds, net, rule) -> dict:
         acc = probe(lambda x: quant_encode(net, qs, x), ds)
     else:
         acc = probe(lambda x: encode(net, params, x), ds)
-    return {"config": config, "probe": acc, "loss_history": history, "clipped": clipped,
-            "train_seconds": round(train_s, 1), "plan": info}
+    return {
+        "config": config,
+        "probe": acc,
+        "loss_history": history,
+        "clipped": clipped,
+        "train_seconds": round(train_s, 1),
+        "plan": info,
+    }
 
 
 def _cfg(args):
     from edge.train import TrainConfig
 
-    return TrainConfig(rule=args.rule, data=args.data, seed=args.seed, net=args.net,
-                       width=args.width, batch_size=args.batch_size)
+    return TrainConfig(
+        rule=args.rule,
+        data=args.data,
+        seed=args.seed,
+        net=args.net,
+        width=args.width,
+        batch_size=args.batch_size,
+    )
 
 
 def main() -> None:
@@ -166,8 +180,15 @@ def main() -> None:
     net = preset(args.net or default_preset(args.data), ds.in_shape, args.width)
     rule = rules.get(args.rule)
     rule.check(net)
-    results = {"data": args.data, "subset": args.subset, "epochs": args.epochs,
-               "net": net.to_dict(), "rule": args.rule, "lr": args.lr, "runs": []}
+    results = {
+        "data": args.data,
+        "subset": args.subset,
+        "epochs": args.epochs,
+        "net": net.to_dict(),
+        "rule": args.rule,
+        "lr": args.lr,
+        "runs": [],
+    }
     if not args.skip_random:
         init = initial_params(_cfg(args), net, rule)
         results["random_probe"] = probe(lambda x: encode(net, init, x), ds)

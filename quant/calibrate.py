@@ -72,8 +72,12 @@ def encoder_layers(
     shift = store_shift(quant)
     layout = family_layout(rule, net) if integer else [((1, 1), ())] * len(net.layers)
     bounds = [
-        check_accumulator(spec.in_features * (9 if spec.kind == "conv" else 1),
-                          X_MAX if i == 0 else A_MAX, W_MAX, f"layer {i} forward")
+        check_accumulator(
+            spec.in_features * (9 if spec.kind == "conv" else 1),
+            X_MAX if i == 0 else A_MAX,
+            W_MAX,
+            f"layer {i} forward",
+        )
         for i, spec in enumerate(net.layers)
     ]
     enc = build_quant_encoder(net, params)
@@ -85,10 +89,23 @@ def encoder_layers(
         plans[f"enc.{i}.b"] = bias_plan(f_x + f_w, shift, bound)
         window, terms = layout[i]
         shape = net.shapes()[i]
-        dim = shape[0] if len(shape) == 1 else \
-            shape[0] * (shape[1] // window[0]) * (shape[2] // window[1])
-        layers.append(LayerPlan(f_x, i == 0, f_w, ex.f_y[i], window, terms,
-                                e_shift=error_shift(len(terms)), code_dim=dim))
+        dim = (
+            shape[0]
+            if len(shape) == 1
+            else shape[0] * (shape[1] // window[0]) * (shape[2] // window[1])
+        )
+        layers.append(
+            LayerPlan(
+                f_x,
+                i == 0,
+                f_w,
+                ex.f_y[i],
+                window,
+                terms,
+                e_shift=error_shift(len(terms)),
+                code_dim=dim,
+            )
+        )
     return tuple(layers), plans
 
 
@@ -104,8 +121,9 @@ def _codes(net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor)
 
 def _predictors(i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]) -> dict:
     keys = (f"rule.{i}.{prefix}{k}" for k in ("B", "U", "V"))
-    return {k[-1]: dequantize_param(qparams[k], plan.params[k]).double()
-            for k in keys if k in qparams}
+    return {
+        k[-1]: dequantize_param(qparams[k], plan.params[k]).double() for k in keys if k in qparams
+    }
 
 
 def prediction_exponents(
@@ -120,7 +138,7 @@ def prediction_exponents(
         codes = _codes(net, plan, qparams, x)
         for i, lp in enumerate(plan.layers):
             z = codes[i].double() * 2.0**-lp.f_y
-            top = codes[-1].double() * 2.0**-plan.layers[-1].f_y
+            top = codes[-1].double() * 2.0 ** -plan.layers[-1].f_y
             for prefix, kind in lp.terms:
                 c = z if kind == "same" else top
                 P = _predictors(i, prefix, plan, qparams)
@@ -132,6 +150,7 @@ def prediction_exponents(
                     maxima[i][1] = max(maxima[i][1], float(t.abs().max()))
                     maxima[i][2] = max(maxima[i][2], float((z @ P["U"]).abs().max()))
                 maxima[i][0] = max(maxima[i][0], float(q.abs().max()))
+
     def exp(m: float, room: int, used: bool = True) -> int:
         if not used:
             return 0
@@ -139,8 +158,12 @@ def prediction_exponents(
         return max(-F_LIMIT, min(F_LIMIT, f))
 
     layers = tuple(
-        replace(lp, f_q=exp(m[0], headroom), f_t=exp(m[1], headroom, m[1] > 0),
-                f_au=exp(m[2], 0, m[2] > 0))
+        replace(
+            lp,
+            f_q=exp(m[0], headroom),
+            f_t=exp(m[1], headroom, m[1] > 0),
+            f_au=exp(m[2], 0, m[2] > 0),
+        )
         for lp, m in zip(plan.layers, maxima, strict=True)
     )
     return replace(plan, layers=layers)
@@ -191,9 +214,7 @@ def gradient_rms(
     return {k: math.sqrt(v) for k, v in sums.items()}
 
 
-def lr_shifts(
-    plan: QuantPlan, rms: dict[str, float] | None, lr: float, lr_mode: str
-) -> QuantPlan:
+def lr_shifts(plan: QuantPlan, rms: dict[str, float] | None, lr: float, lr_mode: str) -> QuantPlan:
     scales = grad_scales(plan)
     params = {}
     for k, pp in plan.params.items():

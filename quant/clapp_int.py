@@ -150,8 +150,11 @@ class ClappFamilyInt:
                 c1, c2 = ctx
                 f_c = plan.layers[-1].f_y
             P = predictor(i, prefix, plan, qparams)
-            f = {k: plan.params[f"rule.{i}.{prefix}{k}"].exponent
-                 - plan.params[f"rule.{i}.{prefix}{k}"].shift for k in P}
+            f = {
+                k: plan.params[f"rule.{i}.{prefix}{k}"].exponent
+                - plan.params[f"rule.{i}.{prefix}{k}"].shift
+                for k in P
+            }
             q1, t1 = predict(P, f, lp, c1, f_c)
             q2, t2 = predict(P, f, lp, c2, f_c)
             anchors = (z1, z1, z2, z2)

@@ -76,6 +76,7 @@ def max_pool_first(acc: Tensor) -> tuple[Tensor, Tensor]:
 
 def unpool(g: Tensor, sel: Tensor, hw: tuple[int, int]) -> Tensor:
     """Adjoint of `max_pool_first`: each pooled value goes to its chosen position, zeros else."""
+
     def up(t: Tensor) -> Tensor:
         return t.repeat_interleave(2, 2).repeat_interleave(2, 3)
 

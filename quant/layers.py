@@ -86,27 +86,38 @@ class QuantEncoder(nn.Module):
             raise EdgeError("fixed exponents are supported for per-tensor weight scales only")
         self.net = net
         kw_in = _const_act(exponents.f_in, True) if exponents else {}
-        self.inp = QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True,
-                                 **kw_in)
-        wq = (FrozenInt8WeightPerChannelFixedPoint if per_channel
-              else FrozenInt8WeightPerTensorFixedPoint)
+        self.inp = QuantIdentity(
+            act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True, **kw_in
+        )
+        wq = (
+            FrozenInt8WeightPerChannelFixedPoint
+            if per_channel
+            else FrozenInt8WeightPerTensorFixedPoint
+        )
         self.layers, self.acts = nn.ModuleList(), nn.ModuleList()
         for i, spec in enumerate(net.layers):
             kw_w = {}
             if exponents is not None:
-                kw_w = {"weight_quant": Int8WeightPerTensorFixedPoint,
-                        "weight_scaling_impl_type": "const",
-                        "weight_scaling_const": 2.0 ** (-exponents.f_w[i]) * 128}
-            common = {"weight_quant": wq, "bias_quant": Int32Bias, "return_quant_tensor": True,
-                      **kw_w}
+                kw_w = {
+                    "weight_quant": Int8WeightPerTensorFixedPoint,
+                    "weight_scaling_impl_type": "const",
+                    "weight_scaling_const": 2.0 ** (-exponents.f_w[i]) * 128,
+                }
+            common = {
+                "weight_quant": wq,
+                "bias_quant": Int32Bias,
+                "return_quant_tensor": True,
+                **kw_w,
+            }
             if spec.kind == "conv":
                 mod = QuantConv2d(spec.in_features, spec.out_features, 3, padding=1, **common)
             else:
                 mod = QuantLinear(spec.in_features, spec.out_features, bias=True, **common)
             kw_y = _const_act(exponents.f_y[i], False) if exponents else {}
             self.layers.append(mod)
-            self.acts.append(QuantReLU(act_quant=Uint8ActPerTensorFixedPoint,
-                                       return_quant_tensor=True, **kw_y))
+            self.acts.append(
+                QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, return_quant_tensor=True, **kw_y)
+            )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         outs = []

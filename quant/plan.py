@@ -86,8 +86,13 @@ class QuantPlan:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> QuantPlan:
         layers = tuple(
-            LayerPlan(**{**lp, "window": tuple(lp["window"]),
-                         "terms": tuple(tuple(t) for t in lp["terms"])})
+            LayerPlan(
+                **{
+                    **lp,
+                    "window": tuple(lp["window"]),
+                    "terms": tuple(tuple(t) for t in lp["terms"]),
+                }
+            )
             for lp in d["layers"]
         )
         params = {k: ParamPlan(**v) for k, v in d["params"].items()}
@@ -122,8 +127,9 @@ def bias_plan(f_acc: int, shift: int, acc_bound: int) -> ParamPlan:
     b_max = min(INT32_MAX - acc_bound, (INT32_MAX >> shift) - 1)
     if b_max < 1:
         raise EdgeError(f"no room left for a bias in the int32 accumulator (bound {acc_bound})")
-    return ParamPlan(f_acc + shift, -b_max << shift, (b_max << shift) + (1 << shift) - 1,
-                     "int32", shift)
+    return ParamPlan(
+        f_acc + shift, -b_max << shift, (b_max << shift) + (1 << shift) - 1, "int32", shift
+    )
 
 
 def quantize_param(x: Tensor, pp: ParamPlan) -> Tensor:
@@ -143,5 +149,3 @@ def dequantize_param(store: Tensor, pp: ParamPlan, latent: bool = False) -> Tens
         return ((store.to(torch.float64) - pp.offset) * math.ldexp(1.0, -pp.exponent)).float()
     scale = math.ldexp(1.0, pp.shift - pp.exponent)
     return (forward_value(store, pp).to(torch.float64) * scale).float()
-
-

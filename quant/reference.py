@@ -45,7 +45,7 @@ def stochastic(x: np.ndarray, k: int, noise: np.ndarray, bits: int = 16) -> np.n
         return x << (-k)
     noise = noise.astype(I64)
     if k > bits:
-        return (((x >> (k - bits)) + noise) >> bits)
+        return ((x >> (k - bits)) + noise) >> bits
     return (x + (noise >> (bits - k))) >> k
 
 
@@ -165,8 +165,10 @@ def hinge(plan: QuantPlan, q: Arrays, i: int, z: np.ndarray, top: np.ndarray | N
         rows, ctxs, ts = [], [], []
         t1, t2 = (t1, t2) if low else (c1, c2)  # unused for a full B
         for anchor, pred, ctx, t, sign, g in (
-            (z1, p2, c2, t2, 1, g1), (z1, nxt(p2), nxt(c2), nxt(t2), -1, g1),
-            (z2, p1, c1, t1, 1, g2), (z2, nxt(p1), nxt(c1), nxt(t1), -1, g2),
+            (z1, p2, c2, t2, 1, g1),
+            (z1, nxt(p2), nxt(c2), nxt(t2), -1, g1),
+            (z2, p1, c1, t1, 1, g2),
+            (z2, nxt(p1), nxt(c1), nxt(t1), -1, g2),
         ):
             u = (anchor * pred).sum(axis=1) * unit
             margin = thr - sign * u

@@ -55,8 +55,7 @@ class QuantSpec:
             )
         if self.bits > MAX_BITS[self.role]:
             raise EdgeError(
-                f"{self.bits}-bit {self.role}s are not supported; "
-                f"use <= {MAX_BITS[self.role]} bits"
+                f"{self.bits}-bit {self.role}s are not supported; use <= {MAX_BITS[self.role]} bits"
             )
         if self.narrow and not self.signed:
             raise EdgeError("a narrow range only applies to signed quantization")

@@ -152,8 +152,12 @@ def restore_quant(
 
 def describe_plan(qs: QuantState) -> dict[str, Any]:
     """A short summary for result.json: effective per-tensor learning rates and exponents."""
-    out = {"mode": qs.mode, "quant": qs.plan.quant, "input_exponent": qs.plan.f_in,
-           "layers": [{"f_w": lp.f_w, "f_y": lp.f_y, "f_q": lp.f_q} for lp in qs.plan.layers]}
+    out = {
+        "mode": qs.mode,
+        "quant": qs.plan.quant,
+        "input_exponent": qs.plan.f_in,
+        "layers": [{"f_w": lp.f_w, "f_y": lp.f_y, "f_q": lp.f_q} for lp in qs.plan.layers],
+    }
     if qs.mode == "integer":
         out["lr_shifts"] = {k: pp.lr_shift for k, pp in qs.plan.params.items()}
         out["effective_lr"] = {

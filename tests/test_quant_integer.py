@@ -25,6 +25,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 N = 6
 
 
@@ -145,8 +146,11 @@ def test_forward_overflow_is_an_edge_error():
     assert "\n" not in str(e.value) and "layer 3" in str(e.value)
     # a whole network: 2 x 300 x 300 int8 inputs x int8 weights reach 2^31 (checked up front)
     net = NetSpec("wide", (2, 300, 300), (LayerSpec("linear", 180_000, 2),))
-    params = {"enc.0.w": torch.randn(2, 180_000), "enc.0.b": torch.zeros(2),
-              "rule.0.B": torch.eye(2)}
+    params = {
+        "enc.0.w": torch.randn(2, 180_000),
+        "enc.0.b": torch.zeros(2),
+        "rule.0.B": torch.eye(2),
+    }
     with pytest.raises(EdgeError, match="layer 0 forward"):
         make_plan(net, get("clapp++"), params, [(torch.randn(2, 2, 300, 300),) * 2])
 
@@ -160,8 +164,9 @@ def test_integer_gradients_match_the_float_rule_on_the_quantized_forward():
     rule = get("clapp++", predictor="full")
     plan, qp, g, params, views = _setup(net, rule, "int8-w16", seed=3)
     form = integer_form(rule)
-    fq = fake_quant_params(plan, {**params, **{k: dequantize_param(v, plan.params[k])
-                                                for k, v in qp.items()}})
+    fq = fake_quant_params(
+        plan, {**params, **{k: dequantize_param(v, plan.params[k]) for k, v in qp.items()}}
+    )
     x1, x2 = views[0]
     q = torch.cat((quantize_input(x1, plan.f_in), quantize_input(x2, plan.f_in)))
     f1, f2 = fake_quant_input(plan, x1), fake_quant_input(plan, x2)

@@ -82,8 +82,10 @@ def _ort_outputs(path, x, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
 def test_qcdq_export_runs_in_onnxruntime_like_brevitas(tmp_path, net):
     g = torch.Generator().manual_seed(1)
     params = init_params(net, g)
-    enc = calibrate_encoder(build_quant_encoder(net, params),
-                            [torch.randn(8, *net.in_shape, generator=g) for _ in range(2)])
+    enc = calibrate_encoder(
+        build_quant_encoder(net, params),
+        [torch.randn(8, *net.in_shape, generator=g) for _ in range(2)],
+    )
     x = torch.randn(5, *net.in_shape, generator=g)
     with torch.no_grad():
         want = enc(x)
@@ -105,8 +107,9 @@ def test_integer_forward_equals_brevitas_and_onnx_at_the_plan_scales(tmp_path):
     params.update(rule.init(net, g))
     views = [tuple(torch.randn(6, 3, 8, 8, generator=g) for _ in range(2))]
     plan, qp = make_plan(net, rule, params, views, "int8-w16")
-    ex = EncoderExponents(plan.f_in, tuple(lp.f_w for lp in plan.layers),
-                          tuple(lp.f_y for lp in plan.layers))
+    ex = EncoderExponents(
+        plan.f_in, tuple(lp.f_w for lp in plan.layers), tuple(lp.f_y for lp in plan.layers)
+    )
     from quant.train import QuantState, dequantized_params
 
     deq = dequantized_params(QuantState("integer", plan, qp, {}))
@@ -134,9 +137,15 @@ def test_integer_primitives_trace_to_standard_integer_onnx_ops(tmp_path):
         def forward(self, x, w, e, noise):
             a = intops.int_conv2d(x, w)
             g = intops.int_conv2d_weight(x, e)
-            return (a, intops.saturate32(g), intops.floor_shift(a, 3), intops.round_shift(a, 4),
-                    intops.stochastic_shift(-a, 5, noise), intops.div_round(a, 9),
-                    intops.int_matmul(a.flatten(1)[:, :6], g.flatten()[:12].reshape(6, 2)))
+            return (
+                a,
+                intops.saturate32(g),
+                intops.floor_shift(a, 3),
+                intops.round_shift(a, 4),
+                intops.stochastic_shift(-a, 5, noise),
+                intops.div_round(a, 9),
+                intops.int_matmul(a.flatten(1)[:, :6], g.flatten()[:12].reshape(6, 2)),
+            )
 
     g = torch.Generator().manual_seed(0)
     n = 2 * intops.conv_weight_chunk(8, 8) + 1  # three chunks of the Hebbian sum
@@ -152,8 +161,9 @@ def test_integer_primitives_trace_to_standard_integer_onnx_ops(tmp_path):
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "ConvInteger" in ops and "Conv" not in ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, w, e, noise),
-                                                            strict=True)})
+    got = sess.run(
+        None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, w, e, noise), strict=True)}
+    )
     assert float(want[1].abs().max()) >= 2**31 - 1  # the Hebbian sum did saturate
     for a, b in zip(got, want, strict=True):
         assert a.dtype == np.int64

@@ -106,8 +106,9 @@ def test_bad_choices_are_one_line_errors():
         quant_step(NET, rule, qs, x, x, torch.Generator())
 
 
-@pytest.mark.parametrize("quant, mode", [("int8", "integer"), ("int8-w16", "integer"),
-                                         ("int8", "qat")])
+@pytest.mark.parametrize(
+    "quant, mode", [("int8", "integer"), ("int8-w16", "integer"), ("int8", "qat")]
+)
 def test_probe_features_come_from_the_quantized_network(quant, mode):
     _, qs, _ = _start(quant=quant, mode=mode)
     x = torch.randn(3, 1, 8, 8)
