@@ -91,6 +91,10 @@ def train(
     alignment: Annotated[
         bool, typer.Option(help="Per-layer cosine of the update with the BP-InfoNCE gradient.")
     ] = False,
+    quant: Annotated[str, typer.Option(help="Weights: fp32 | int8 | int8-w16.")] = "fp32",
+    mode: Annotated[
+        str, typer.Option(help="With --quant int8*: qat (fp32 latent) | integer.")
+    ] = "integer",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train an encoder with a learning rule, then linear-probe it."""
@@ -114,6 +118,8 @@ def train(
         device=device,
         runtime=runtime,
         alignment=alignment,
+        quant=quant,
+        mode=mode,
     )
     make_step = None
     if runtime != "torch":
@@ -124,9 +130,22 @@ def train(
         if device != "cpu":
             raise EdgeError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
         make_step = functools.partial(make_stepper, runtime)
+    engine = None
+    if quant != "fp32":
+        from quant.engine import QuantEngine
+
+        if runtime != "torch":
+            raise EdgeError(f"--runtime {runtime} runs fp32 steps; quantized steps run in torch")
+        engine = QuantEngine(quant, mode)
     out = out or Path("runs") / f"{rule}-{data}"
     result = run(
-        cfg, out, data_dir=data_dir, resume=resume, progress=not as_json, make_step=make_step
+        cfg,
+        out,
+        data_dir=data_dir,
+        resume=resume,
+        progress=not as_json,
+        make_step=make_step,
+        engine=engine,
     )
     if as_json:
         _emit(result)

@@ -10,6 +10,8 @@ rule must beat.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,13 +31,16 @@ def extract(
     layers: str = "all",
     pool: int = 2,
     batch_size: int = 500,
+    encode_fn: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> Tensor:
+    """Probe features of `x`; `encode_fn` replaces the float encoder (e.g. a quantized one)."""
     if layers not in LAYER_CHOICES:
         raise EdgeError(f"unknown probe layers {layers!r}; valid: {', '.join(LAYER_CHOICES)}")
     chunks = []
-    device = params["enc.0.w"].device
+    device = params["enc.0.w"].device if encode_fn is None else torch.device("cpu")
+    encode_fn = encode_fn or (lambda v: encode(net, params, v))
     for start in range(0, x.shape[0], batch_size):
-        outs = encode(net, params, to_float(x[start : start + batch_size], ds).to(device))
+        outs = encode_fn(to_float(x[start : start + batch_size], ds).to(device))
         if layers == "last":
             outs = outs[-1:]
         feats = []
@@ -79,9 +84,14 @@ def fit_linear(
 
 
 def probe_accuracy(
-    net: NetSpec, params: dict[str, Tensor], ds: Dataset, layers: str = "all", pool: int = 2
+    net: NetSpec,
+    params: dict[str, Tensor],
+    ds: Dataset,
+    layers: str = "all",
+    pool: int = 2,
+    encode_fn: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> float:
-    f_tr = extract(net, params, ds.x_train, ds, layers, pool)
-    f_te = extract(net, params, ds.x_test, ds, layers, pool)
+    f_tr = extract(net, params, ds.x_train, ds, layers, pool, encode_fn=encode_fn)
+    f_te = extract(net, params, ds.x_test, ds, layers, pool, encode_fn=encode_fn)
     device = f_tr.device
     return fit_linear(f_tr, ds.y_train.to(device), f_te, ds.y_test.to(device), ds.num_classes)

@@ -27,11 +27,13 @@ from edge import checkpoint, rules
 from edge.alignment import alignment
 from edge.data import DATASETS, default_views, load, two_views
 from edge.errors import EdgeError
-from edge.nets import NetSpec, default_preset, init_params, preset
+from edge.nets import NetSpec, default_preset, encode, init_params, preset
 from edge.optim import OptimConfig
 from edge.probe import probe_accuracy
 from edge.step import train_step
 
+QUANTS = ("fp32", "int8", "int8-w16")
+MODES = ("qat", "integer")
 DEFAULT_LR = {"bp-infonce": 1e-3, "bp-clapp++": 1e-4}
 
 
@@ -50,6 +52,8 @@ class TrainConfig:
     width: float = 1.0
     rule_hparams: dict[str, Any] = field(default_factory=dict)
     probe_layers: str = "all"
+    quant: str = "fp32"  # fp32 | int8 | int8-w16
+    mode: str = "integer"  # qat | integer (ignored for fp32)
     device: str = "cpu"  # where the step runs; not part of the run's identity
     runtime: str = "torch"  # what executes the step (torch | onnxruntime | openvino); recorded
     alignment: bool = False  # measure per-layer cosine(rule update, BP-InfoNCE gradient)
@@ -66,6 +70,12 @@ class TrainConfig:
             raise EdgeError(f"unknown data set {self.data!r}; valid: {', '.join(DATASETS)}")
         if self.rule not in rules.names():
             raise EdgeError(f"unknown rule {self.rule!r}; valid: {', '.join(rules.names())}")
+        if self.quant not in QUANTS:
+            raise EdgeError(f"unknown --quant {self.quant!r}; valid: {', '.join(QUANTS)}")
+        if self.mode not in MODES:
+            raise EdgeError(f"unknown --mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.quant != "fp32" and self.alignment:
+            raise EdgeError("--alignment needs float weights; drop it or use --quant fp32")
         if self.alignment and not rules.get(self.rule, **self.rule_hparams).is_local:
             raise EdgeError(
                 f"--alignment compares a local rule with backprop; {self.rule} is global"
@@ -106,6 +116,45 @@ def _torch_step(net: NetSpec, rule, opt: OptimConfig) -> Callable:
     return functools.partial(train_step, net, rule, opt)
 
 
+class FloatEngine:
+    """fp32 training: parameters and optimizer state as float tensors, one step function.
+
+    An engine has five verbs (`quant.engine.QuantEngine` has the same): `start` from the
+    initial parameters, `step` on two views, `tensors` for the checkpoint, `resume` from one,
+    and `encoder` for the probe.
+    """
+
+    def __init__(self, make_step: Callable[..., Callable] | None = None, device: str = "cpu"):
+        self.make_step, self.device = make_step or _torch_step, torch.device(device)
+
+    def bind(self, net: NetSpec, rule, opt: OptimConfig) -> None:
+        self.net, self.opt = net, opt
+        self.step_fn = self.make_step(net, rule, opt)
+
+    def start(self, params: dict[str, torch.Tensor], calib: list) -> None:
+        self.resume(params, self.opt.init_state(params), {})
+
+    def step(self, v1: torch.Tensor, v2: torch.Tensor, gen: torch.Generator) -> dict:
+        self.params, self.state, metrics = self.step_fn(
+            self.params, self.state, v1, v2, donate=True
+        )
+        return metrics
+
+    def tensors(self) -> tuple[dict, dict, dict]:
+        return self.params, self.state, {}
+
+    def resume(self, params: dict, state: dict, meta: dict) -> None:
+        self.params = {k: v.to(self.device) for k, v in params.items()}
+        self.state = {k: v.to(self.device) for k, v in state.items()}
+
+    def encoder(self) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        net, params = self.net, self.params
+        return lambda x: encode(net, params, x)
+
+    def describe(self) -> dict:
+        return {}
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
@@ -117,18 +166,25 @@ def train(
     resume: bool = False,
     progress: bool = True,
     make_step: Callable[..., Callable] | None = None,
+    engine=None,
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, probe. `make_step(net, rule, opt)` may supply another
     executor of the same step (e.g. the exported graph in onnxruntime, from `export.runner`);
-    it must accept `(params, state, x1, x2, donate=...)` like `edge.step.train_step`."""
+    it must accept `(params, state, x1, x2, donate=...)` like `edge.step.train_step`.
+    `engine` replaces the float engine (e.g. `quant.engine.QuantEngine` for integer mode)."""
     t0 = time.perf_counter()
     ds = load(cfg.data, data_dir, cfg.subset)
     net, rule = build(cfg, ds.in_shape)
     opt = cfg.optim()
-    step_fn = (make_step or _torch_step)(net, rule, opt)
+    engine = engine or FloatEngine(make_step, cfg.device)
+    engine.bind(net, rule, opt)
+    device = torch.device(cfg.device)
     ckpt_path = out / checkpoint.FILENAME
-    params = initial_params(cfg, net, rule)
-    state = opt.init_state(params)
+    n = ds.x_train.shape[0]
+    if n < cfg.batch_size:
+        raise EdgeError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
+    steps = n // cfg.batch_size  # drop the last partial batch: static shapes for export
+    views = default_views(cfg.data)
     start, history = 0, []
     if resume and ckpt_path.exists():
         params, state, meta = checkpoint.load(ckpt_path)
@@ -136,14 +192,9 @@ def train(
         if not cfg.same_run(old):
             raise EdgeError(f"{ckpt_path} belongs to another run ({old}); use another --out")
         start, history = meta["epoch"], meta["history"]
-    device = torch.device(cfg.device)
-    params = {k: v.to(device) for k, v in params.items()}
-    state = {k: v.to(device) for k, v in state.items()}
-    n = ds.x_train.shape[0]
-    if n < cfg.batch_size:
-        raise EdgeError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
-    steps = n // cfg.batch_size  # drop the last partial batch: static shapes for export
-    views = default_views(cfg.data)
+        engine.resume(params, state, meta.get("quant", {}))
+    else:
+        engine.start(initial_params(cfg, net, rule), calibration(cfg, ds, views))
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -167,8 +218,8 @@ def train(
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                 v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
                 if cfg.alignment:  # before the step: the update it is about to make
-                    align.append(alignment(net, rule, params, v1, v2, seed=cfg.seed))
-                params, state, metrics = step_fn(params, state, v1, v2, donate=True)
+                    align.append(alignment(net, rule, engine.params, v1, v2, seed=cfg.seed))
+                metrics = engine.step(v1, v2, gen)
                 loss = float(metrics["loss"])
                 if not torch.isfinite(metrics["loss"]):
                     kept = (
@@ -190,8 +241,10 @@ def train(
                 "history": history,
                 "data_shape": list(ds.in_shape),
             }
+            params, state, meta["quant"] = engine.tensors()
             checkpoint.save(ckpt_path, params, state, meta)
-    probe = probe_accuracy(net, params, ds, cfg.probe_layers)
+    params, _, _ = engine.tensors()
+    probe = probe_accuracy(net, params, ds, cfg.probe_layers, encode_fn=engine.encoder())
     random = {k: v.to(device) for k, v in initial_params(cfg, net, rule).items()}
     random_probe = probe_accuracy(net, random, ds, cfg.probe_layers)
     result = {
@@ -211,10 +264,28 @@ def train(
         "seconds": round(time.perf_counter() - t0, 2),
         "checkpoint": str(ckpt_path),
         "weights_digest": checkpoint.weights_digest(params),
+        "quantization": engine.describe() or None,
         "config": cfg.to_dict(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def calibration(cfg: TrainConfig, ds, views, batches: int = 4) -> list:
+    """A few view pairs for calibrating quantization scales, from their own generator."""
+    gen = epoch_generator(cfg.seed, -1)
+    n = ds.x_train.shape[0]
+    idx = torch.randperm(n, generator=gen)[: batches * cfg.batch_size]
+    return [
+        two_views(
+            ds.x_train[idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]],
+            gen,
+            views,
+            ds.mean,
+            ds.std,
+        )
+        for b in range(min(batches, n // cfg.batch_size))
+    ]
 
 
 def _mean_alignment(history: list[dict]) -> list[float] | None:
