@@ -35,7 +35,7 @@ PROFILES = {
         width=0.0625,
         epochs=2,
         subset=None,
-        quant_subset=10000,
+        quant_subset=5000,
         quant_epochs=1,
     ),
     "rules": dict(
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="results dir (default benchmarks/results/PROFILE)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--fresh", action="store_true", help="ignore sections already measured")
     a = ap.parse_args(argv)
     torch.set_num_threads(
         min(2, os.cpu_count() or 1) if a.device == "cpu" else torch.get_num_threads()
@@ -199,11 +200,18 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device,
     )
     res: dict = {"profile": a.profile, "machine": machine(), "sections": {}}
+    previous = out / "results.json"
+    if previous.exists() and not a.fresh:  # resume: keep the sections already measured
+        old = json.loads(previous.read_text())
+        if old.get("profile") == a.profile:
+            res["sections"] = old.get("sections", {})
     t0 = time.perf_counter()
 
     def section(name: str, fn):
         if name in skip:
             return None
+        if name in res["sections"]:
+            return res["sections"][name]
         print(f"[{time.perf_counter() - t0:7.0f} s] {name} ...", file=sys.stderr, flush=True)
         res["sections"][name] = fn()
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
