@@ -25,11 +25,11 @@ NOISE_BITS = 16
 
 
 def integer_program(net: NetSpec, rule: Any, plan: Any, qparams: dict[str, Tensor]) -> StepProgram:
-    from quant.integer import integer_step
+    from quant.integer import integer_step, noise_shapes
 
     require_local(rule)
-    noise = tuple(
-        TensorSpec(NOISE + k, tuple(qparams[k].shape), "int32") for k in sorted(plan.params)
+    noise = tuple(  # the step's own layout of random bits: one source of truth
+        TensorSpec(NOISE + k, shape, "int32") for k, shape in noise_shapes(plan, qparams).items()
     )
 
     def step(params, state, x1, x2, bits):
