@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge import __version__, checkpoint, rules
+from edge.commands import parse_hparams
 from edge.errors import EdgeError
 
 app = typer.Typer(
@@ -41,19 +42,6 @@ def _root(
     ] = False,
 ) -> None:
     pass
-
-
-def _parse_hparams(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise EdgeError(f"--hp expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -113,7 +101,7 @@ def train(
         subset=subset,
         net=net,
         width=width,
-        rule_hparams=_parse_hparams(hp),
+        rule_hparams=parse_hparams(hp),
         probe_layers=probe_layers,
         device=device,
         runtime=runtime,

@@ -15,25 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edge.commands import IN_SHAPES, parse_hparams
 from edge.errors import EdgeError
-
-# input shape (C, H, W) of each data set, so exporting needs no data on disk
-IN_SHAPES: dict[str, tuple[int, int, int]] = {
-    "digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
-}
-
-
-def _hparams(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise EdgeError(f"--hp expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _target_warnings(target: Any, quant: dict | None) -> list[str]:
@@ -97,7 +80,7 @@ def export_cmd(
         tgt = targets.load(target)
     cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed, net=net, width=width,
-                      rule_hparams=_hparams(hp))
+                      rule_hparams=parse_hparams(hp))
     spec, learning_rule = build(cfg, IN_SHAPES[data])
     opt = cfg.optim()
     params = initial_params(cfg, spec, learning_rule)

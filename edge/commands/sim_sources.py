@@ -14,10 +14,9 @@ from typing import Any
 import onnx
 import torch
 
+from edge.commands import IN_SHAPES
 from edge.errors import EdgeError
 from edge.memory.schedule import Schedule
-
-IN_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def from_bundle(bundle: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
