@@ -161,7 +161,7 @@ def _cfg(args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="mnist")
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA, ../shared/data)")
     ap.add_argument("--subset", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
