@@ -38,16 +38,21 @@ def floor_bytes(net: NetSpec, batch: int, persistent: int) -> int:
     return persistent + largest
 
 
-def measure(net: NetSpec, rule_name: str, batch: int, seed: int = 0) -> dict:
+def setup(net: NetSpec, rule_name: str, batch: int, seed: int = 0):
+    """A rule's initial parameters, AdamW state and two random views: what one step takes."""
     rule = get(rule_name)
     rule.check(net)
     gen = torch.Generator().manual_seed(seed)
     params = init_params(net, gen)
     params.update(rule.init(net, gen))
     opt = OptimConfig("adamw", lr=1e-3)
-    state = opt.init_state(params)
     x1 = torch.randn(batch, *net.in_shape, generator=gen)
     x2 = torch.randn(batch, *net.in_shape, generator=gen)
+    return rule, opt, params, opt.init_state(params), x1, x2
+
+
+def measure(net: NetSpec, rule_name: str, batch: int, seed: int = 0) -> dict:
+    rule, opt, params, state, x1, x2 = setup(net, rule_name, batch, seed)
     train_step(net, rule, opt, params, state, x1, x2)  # warm-up
     given = _bytes([*params.values(), *state.values(), x1, x2])
     persistent = _bytes([*params.values(), *state.values()])

@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from edge import rules
-from edge.data import default_views, load, to_float, two_views
+from edge.data import default_views, load, two_views
 from edge.nets import default_preset, encode, layer_forward, layer_params, preset
 from edge.optim import OptimConfig
-from edge.probe import fit_linear
+from edge.probe import extract, fit_linear
 from edge.step import train_step
 from edge.train import epoch_generator, initial_params
 from quant.train import describe_plan, init_quant, quant_encode, quant_step
@@ -39,25 +38,11 @@ from quant.train import describe_plan, init_quant, quant_encode, quant_step
 CONFIGS = ("fp32", "fp32-sgdn", "qat", "int8-w16", "int8")
 
 
-def features(encode_fn, x, ds, layers: str, pool: int = 2, batch: int = 500):
-    chunks = []
-    for s in range(0, x.shape[0], batch):
-        outs = encode_fn(to_float(x[s : s + batch], ds))
-        outs = outs[-1:] if layers == "last" else outs
-        feats = []
-        for y in outs:
-            if y.dim() == 4 and (y.shape[2] > pool or y.shape[3] > pool):
-                y = F.adaptive_avg_pool2d(y, pool)
-            feats.append(y.flatten(1))
-        chunks.append(torch.cat(feats, 1))
-    return torch.cat(chunks)
-
-
 def probe(encode_fn, ds) -> dict[str, float]:
     out = {}
     for layers in ("all", "last"):
-        f_tr = features(encode_fn, ds.x_train, ds, layers)
-        f_te = features(encode_fn, ds.x_test, ds, layers)
+        f_tr = extract(None, {}, ds.x_train, ds, layers, encode_fn=encode_fn)
+        f_te = extract(None, {}, ds.x_test, ds, layers, encode_fn=encode_fn)
         out[layers] = round(100 * fit_linear(f_tr, ds.y_train, f_te, ds.y_test, ds.num_classes), 2)
     return out
 

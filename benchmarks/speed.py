@@ -12,22 +12,13 @@ import time
 
 import torch
 
-from edge.nets import NetSpec, init_params, preset
-from edge.optim import OptimConfig
-from edge.rules import get
+from benchmarks.memory import setup
+from edge.nets import NetSpec, preset
 from edge.step import train_step
 
 
 def _stepper(net: NetSpec, rule_name: str, batch: int, seed: int = 0):
-    rule = get(rule_name)
-    rule.check(net)
-    gen = torch.Generator().manual_seed(seed)
-    params = init_params(net, gen)
-    params.update(rule.init(net, gen))
-    opt = OptimConfig("adamw", lr=1e-3)
-    state = opt.init_state(params)
-    x1 = torch.randn(batch, *net.in_shape, generator=gen)
-    x2 = torch.randn(batch, *net.in_shape, generator=gen)
+    rule, opt, params, state, x1, x2 = setup(net, rule_name, batch, seed)
     box = {"p": params, "s": state}
 
     def step() -> None:
