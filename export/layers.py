@@ -24,6 +24,7 @@ from edge.errors import EdgeError
 from edge.nets import NetSpec
 from edge.optim import OptimConfig
 from export.manifest import NEW_PARAMS, NEW_STATE, PARAMS, STATE, GraphIO
+from export.profile import apply_profile
 from export.program import StepProgram, fp32_program, layer_of, require_local, state_layer_of
 from export.trace import export_function, one_thread, value_specs
 from export.training_step import check_batch, noise_inputs, take_noise
@@ -82,6 +83,7 @@ def layer_step_graphs(
     batch_size: int,
     program: StepProgram | None = None,
     optimize: bool = True,
+    profile: str = "plain",
 ) -> tuple[list[onnx.ModelProto], list[GraphIO]]:
     require_local(rule)
     check_batch(batch_size)
@@ -108,7 +110,7 @@ def layer_step_graphs(
         with torch.no_grad(), one_thread():
             example = fn(dict(inputs))
         outputs, x1, x2 = list(example), example["y1"], example["y2"]
-        model = export_function(fn, inputs, outputs, optimize=optimize)
+        model = apply_profile(export_function(fn, inputs, outputs, optimize=optimize), profile)
         bindings = [(NEW_PARAMS + k, PARAMS + k) for k in pnames]
         bindings += [(NEW_STATE + k, STATE + k) for k in snames]
         if last:

@@ -2,13 +2,16 @@
 
     Runner(model_or_path, runtime="onnxruntime", provider="CPUExecutionProvider", threads=2)
     Runner(model_or_path, runtime="openvino", device="CPU", threads=2)
+    Runner(model_or_path, runtime="qnn-htp")   # QNN HTP, fp16, no CPU fallback (export.qnn)
+    Runner(model_or_path, runtime="iree")      # IREE llvm-cpu on this machine (export.iree)
     runner.run({name: ndarray}) -> {name: ndarray}
 
     OnnxStepper(net, rule, opt, runtime=...)(params, state, x1, x2) -> (params', state', metrics)
     make_stepper(runtime, net, rule, opt)  # "torch" gives edge.step.train_step itself
 
 OpenVINO is imported lazily (an optional extra) and compiled with INFERENCE_PRECISION_HINT
-f32: its CPU default is bf16, far from torch's numbers.
+f32: its CPU default is bf16, far from torch's numbers. QNN HTP and IREE (optional extras
+too) get the npu operator profile of the step by default (export.profile: same numbers).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from edge.optim import OptimConfig
 from export.manifest import NEW_PARAMS, NEW_STATE, NOISE, PARAMS, STATE, GraphIO
 from export.program import StepProgram, require_local
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "qnn-htp", "iree")
+NPU_RUNTIMES = ("qnn-htp", "iree")  # the npu operator profile by default
 OPENVINO_EXTRA = 'pip install -e ".[openvino]"'
 Arrays = dict[str, np.ndarray]
 
@@ -81,6 +85,7 @@ class Runner:
         provider: str | None = None,
         device: str | None = None,
         threads: int = 2,
+        options: dict[str, Any] | None = None,
     ):
         if runtime not in RUNTIMES[1:]:
             raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
@@ -88,8 +93,13 @@ class Runner:
             raise EdgeError(f"threads must be positive, got {threads}")
         self.runtime, self.threads = runtime, threads
         blob = _model_bytes(model)
+        self.placement: Any = None  # where the nodes went, for accelerator runtimes
         if runtime == "onnxruntime":
             self._init_ort(blob, provider or "CPUExecutionProvider")
+        elif runtime == "qnn-htp":
+            self._init_qnn(blob, options or {})
+        elif runtime == "iree":
+            self._init_iree(blob)
         else:
             self._init_openvino(blob, device or "CPU")
 
@@ -109,6 +119,29 @@ class Runner:
         self._shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
                         for i in self._sess.get_inputs()}
         self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def _init_qnn(self, blob: bytes, options: dict[str, Any]) -> None:
+        from export.qnn import qnn_session
+
+        self._sess, self.placement = qnn_session(blob, threads=self.threads, **options)
+        self.device = "QNN HTP"
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self._shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                        for i in self._sess.get_inputs()}
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def _init_iree(self, blob: bytes) -> None:
+        from export.iree import IreeModule, compile_host
+
+        graph = onnx.load_model_from_string(blob).graph
+        self.input_names = [i.name for i in graph.input]
+        self.output_names = [o.name for o in graph.output]
+        self._shapes = {i.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                                      for d in i.type.tensor_type.shape.dim)
+                        for i in graph.input}
+        self.device = "IREE llvm-cpu (local-sync)"
+        self._module = IreeModule(compile_host(onnx.load_model_from_string(blob)),
+                                  self.input_names, self.output_names)
 
     def _init_openvino(self, blob: bytes, device: str) -> None:
         ov = _openvino()
@@ -153,9 +186,11 @@ class Runner:
             if not ok:
                 shown = [w if w is not None else "?" for w in want]
                 raise EdgeError(f"input {n} has shape {list(a.shape)}, the graph wants {shown}")
-        if self.runtime == "onnxruntime":
+        if self.runtime in ("onnxruntime", "qnn-htp"):
             outs = self._sess.run(self.output_names, arrays)
             return dict(zip(self.output_names, outs, strict=True))
+        if self.runtime == "iree":
+            return self._module.run(arrays)
         self._request.infer({self._in_ports[n]: a for n, a in arrays.items()})
         return {
             name: np.array(self._request.get_output_tensor(i).data, copy=True)
@@ -225,12 +260,14 @@ class OnnxStepper:
         self, net: NetSpec, rule: Any, opt: OptimConfig, runtime: str = "onnxruntime",
         provider: str | None = None, device: str | None = None, threads: int = 2,
         per_layer: bool = False, program: StepProgram | None = None, seed: int = 0,
+        profile: str | None = None, options: dict[str, Any] | None = None,
     ):
         if runtime not in RUNTIMES[1:]:
             raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
         self.net, self.rule, self.opt, self.program = net, rule, opt, program
         self.runner_args = {"runtime": runtime, "provider": provider, "device": device,
-                            "threads": threads}
+                            "threads": threads, "options": options}
+        self.profile = profile or ("npu" if runtime in NPU_RUNTIMES else "plain")
         self.per_layer = per_layer
         self.rng = np.random.default_rng(seed)  # noise bits, when the program rounds
         self._key: tuple | None = None
@@ -239,6 +276,16 @@ class OnnxStepper:
         self._ios: list[GraphIO] = []
         if runtime == "openvino":
             _openvino()  # fail now, not at the first step
+        elif runtime == "qnn-htp":
+            from export.qnn import _register, check_optimizer
+
+            _register()
+            check_optimizer(opt.name, (options or {}).get("precision", "fp16"))
+        elif runtime == "iree":
+            from export.iree import _compiler, _runtime
+
+            _compiler()
+            _runtime()
         elif provider is not None:
             check_provider(provider)
 
@@ -251,6 +298,9 @@ class OnnxStepper:
         graphs in order (then the stepper chains them)."""
         per_layer = any(t.name == "y1" for t in ios[0].outputs)  # layer graphs pass y on
         stepper = cls(net, rule, opt, per_layer=per_layer, **kwargs)
+        from export.profile import apply_profile
+
+        models = [apply_profile(m, stepper.profile) for m in models]
         stepper._runners = [Runner(m, **stepper.runner_args) for m in models]
         stepper._ios, stepper._fixed = list(ios), True
         return stepper
@@ -261,10 +311,11 @@ class OnnxStepper:
 
         if self.per_layer:
             models, self._ios = layer_step_graphs(self.net, self.rule, self.opt, params, state,
-                                                  batch, program=self.program)
+                                                  batch, program=self.program,
+                                                  profile=self.profile)
         else:
             model, manifest = training_step(self.net, self.rule, self.opt, params, state, batch,
-                                            program=self.program)
+                                            program=self.program, profile=self.profile)
             models, self._ios = [model], [manifest.step]
         self._runners = [Runner(m, **self.runner_args) for m in models]
 

@@ -30,6 +30,7 @@ from export.manifest import (
     Manifest,
     TensorSpec,
 )
+from export.profile import apply_profile
 from export.program import StepProgram, fp32_program, require_local
 from export.trace import export_function, one_thread, value_specs
 
@@ -118,8 +119,10 @@ def training_step(
     program: StepProgram | None = None,
     target: dict[str, Any] | None = None,
     optimize: bool = True,
+    profile: str = "plain",
 ) -> tuple[onnx.ModelProto, Manifest]:
-    """One whole training step as an ONNX model; `program` defaults to fp32."""
+    """One whole training step as an ONNX model; `program` defaults to fp32, `profile` is
+    an operator profile of export.profile (the same numbers; "npu" for NPU compilers)."""
     require_local(rule)
     check_batch(batch_size)
     program = program or fp32_program(net, rule, opt)
@@ -129,7 +132,7 @@ def training_step(
     with torch.no_grad(), one_thread():
         example = fn(dict(inputs))  # eager once: which metrics, and that it runs at all
     outputs = list(example)
-    model = export_function(fn, inputs, outputs, optimize=optimize)
+    model = apply_profile(export_function(fn, inputs, outputs, optimize=optimize), profile)
     bindings = [(NEW_PARAMS + k, PARAMS + k) for k in param_names]
     bindings += [(NEW_STATE + k, STATE + k) for k in state_names]
     io = GraphIO(STEP_FILE, value_specs(model.graph.input), value_specs(model.graph.output),
