@@ -26,9 +26,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from export.reorder import reorder_for_memory
+
 
 def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    return splats_to_constant_of_shape(index_pools_to_range(fold(model)))
+    return reorder_for_memory(splats_to_constant_of_shape(index_pools_to_range(fold(model))))
 
 
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:
