@@ -9,6 +9,12 @@ in op steps. The planner:
    buffer whose lifetime overlaps its own: walk the time-overlapping buffers in offset order
    and take the first gap that is big enough, else go past the highest one.
 
+`refined_plan` (what `plan_schedule` uses) starts from that plan and, while the arena is above
+the lower bound, re-plans a few times with the buffers that end at the top of the arena moved
+to the front of the order (small long-lived tensors placed last by size tend to land on top
+of everything); the smallest arena wins, TFLite Micro's own plan on ties, and
+`ArenaPlan.greedy_bytes` keeps what plain greedy gave.
+
 The arena size is the highest end address. Two reference numbers bracket it:
 
 * `lower_bound` - max over steps of the bytes live at once (no plan can beat it; greedy
@@ -21,6 +27,7 @@ Both use the same aligned sizes as the plan, so the ratios compare like with lik
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -72,6 +79,7 @@ class ArenaPlan:
     arena_bytes: int
     alignment: int = DEFAULT_ALIGNMENT
     aliases: Mapping[str, str] = field(default_factory=dict)
+    greedy_bytes: int | None = None  # plain greedy's arena when `refined_plan` improved on it
 
     def __post_init__(self) -> None:
         if self.alignment <= 0:
@@ -86,29 +94,63 @@ class ArenaPlan:
         return {p.name: p.offset for p in self.placements}
 
 
-def greedy_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT) -> ArenaPlan:
-    """Place `buffers` greedily by size; see the module docstring for the rule."""
+def _place(items: list[Buffer]) -> list[Placement]:
+    """First fit, in the given order, of already aligned buffers."""
+    placed: list[Placement] = []
+    by_offset: list[tuple[int, int, int, int]] = []  # (offset, end, first, last), sorted
+    for buf in items:
+        offset = 0
+        if buf.size:
+            for start, end, first, last in by_offset:  # ascending offset: first fit
+                if first > buf.last or buf.first > last:
+                    continue  # not live at the same time
+                if offset + buf.size <= start:
+                    break
+                offset = max(offset, end)
+            bisect.insort(by_offset, (offset, offset + buf.size, buf.first, buf.last))
+        placed.append(Placement(buf.name, offset, buf.size, buf.first, buf.last))
+    return placed
+
+
+def _aligned(buffers: Iterable[Buffer], alignment: int) -> list[Buffer]:
     if alignment <= 0:
         raise ValueError("alignment must be positive")
     items = [Buffer(b.name, align_up(b.size, alignment), b.first, b.last) for b in buffers]
     items.sort(key=lambda b: (-b.size, b.first, b.name))
-    placed: list[Placement] = []
-    for buf in items:
-        if buf.size == 0:
-            placed.append(Placement(buf.name, 0, 0, buf.first, buf.last))
-            continue
-        conflicts = sorted(
-            (p for p in placed if p.size and p.first <= buf.last and buf.first <= p.last),
-            key=lambda p: p.offset,
-        )
-        offset = 0
-        for p in conflicts:
-            if offset + buf.size <= p.offset:
-                break
-            offset = max(offset, p.offset + p.size)
-        placed.append(Placement(buf.name, offset, buf.size, buf.first, buf.last))
-    arena = max((p.offset + p.size for p in placed), default=0)
-    return ArenaPlan(tuple(placed), arena, alignment)
+    return items
+
+
+def _top(placed: list[Placement]) -> int:
+    return max((p.offset + p.size for p in placed), default=0)
+
+
+def greedy_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT) -> ArenaPlan:
+    """Place `buffers` greedily by size; see the module docstring for the rule."""
+    placed = _place(_aligned(buffers, alignment))
+    return ArenaPlan(tuple(placed), _top(placed), alignment)
+
+
+def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
+                 rounds: int = 16) -> ArenaPlan:
+    """Greedy by size, then up to `rounds` re-plans with the top buffers first (docstring)."""
+    items = _aligned(buffers, alignment)
+    placed = best = _place(items)
+    plain, floor = _top(best), lower_bound(items, alignment)
+    seen: set[frozenset[str]] = set()
+    for _ in range(rounds):
+        if _top(best) <= floor:
+            break
+        top = _top(placed)
+        first = frozenset(p.name for p in placed if p.size and p.offset + p.size == top)
+        if first in seen:
+            break
+        seen.add(first)
+        items = [b for b in items if b.name in first] + [b for b in items if b.name not in first]
+        placed = _place(items)
+        if _top(placed) < _top(best):
+            best = placed
+    return ArenaPlan(tuple(best), _top(best), alignment,
+                     greedy_bytes=plain if plain != _top(best) else None)
 
 
 def lower_bound(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT) -> int:
@@ -185,7 +227,7 @@ def plan_schedule(
 ) -> tuple[ArenaPlan, int, int]:
     """Plan a schedule's arena. Returns (plan, lower_bound_bytes, no_reuse_bytes)."""
     buffers, aliases = schedule_buffers(schedule, inplace=inplace, categories=categories)
-    plan = greedy_plan(buffers, alignment)
-    plan = ArenaPlan(plan.placements, plan.arena_bytes, alignment, aliases)
+    plan = refined_plan(buffers, alignment)
+    plan = ArenaPlan(plan.placements, plan.arena_bytes, alignment, aliases, plan.greedy_bytes)
     return plan, lower_bound(buffers, alignment), no_reuse(buffers, alignment)
 

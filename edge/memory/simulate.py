@@ -297,6 +297,9 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
         base += n
     for p in parts:
         notes.extend(p.prefix + n for n in p.schedule.notes)
+        if p.plan.greedy_bytes is not None:
+            notes.append(f"{p.prefix}arena: greedy by size gave {p.plan.greedy_bytes} B; "
+                         f"re-planned with the top buffers first: {p.plan.arena_bytes} B")
 
     tiers = tuple(TierUsage(t.name, t.kind, t.bytes, used[t.name], used[t.name] <= t.bytes,
                             t.bytes - used[t.name]) for t in target.tiers)
