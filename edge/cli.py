@@ -69,8 +69,13 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
     device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
     runtime: Annotated[
-        str, typer.Option(help="What runs each step: torch | onnxruntime | openvino.")
+        str, typer.Option(help="What runs each step: torch | onnxruntime | openvino | qnn-htp "
+                          "| iree.")
     ] = "torch",
+    profile: Annotated[
+        str | None, typer.Option(help="Operator profile of the exported step: plain | npu "
+                                 "(default: npu for qnn-htp and iree, else plain).")
+    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")
@@ -109,15 +114,18 @@ def train(
         quant=quant,
         mode=mode,
     )
-    make_step = None
+    make_step, steppers = None, []
     if runtime != "torch":
-        import functools
-
         from export.runner import make_stepper
 
         if device != "cpu":
             raise EdgeError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-        make_step = functools.partial(make_stepper, runtime)
+
+        def make_step(*args: Any, **kwargs: Any) -> Any:  # keep the stepper: its placement
+            steppers.append(make_stepper(runtime, *args, profile=profile, **kwargs))
+            return steppers[-1]
+    elif profile is not None:
+        raise EdgeError("--profile applies to an exported step; add --runtime")
     engine = None
     if quant != "fp32":
         from quant.engine import QuantEngine
@@ -135,6 +143,8 @@ def train(
         make_step=make_step,
         engine=engine,
     )
+    if steppers:
+        result["runtime"] = _runtime_report(runtime, steppers[-1])
     if as_json:
         _emit(result)
         return
@@ -149,7 +159,20 @@ def train(
     if result["alignment"]:
         t.add_row("alignment per layer", " ".join(f"{a:+.3f}" for a in result["alignment"]))
     t.add_row("checkpoint", result["checkpoint"])
+    if steppers:
+        rt = result["runtime"]
+        t.add_row("runtime", f"{rt['name']} ({rt['profile']} profile)")
+        for p in rt["placement"]:
+            t.add_row("nodes on the accelerator", f"{p['on_accelerator']} of {p['nodes']} "
+                      f"({p['partitions']} QNN graph{'s' if p['partitions'] != 1 else ''})")
     out_console.print(t)
+
+
+def _runtime_report(runtime: str, stepper: Any) -> dict[str, Any]:
+    """Which runtime ran the steps, in which operator profile, and where the nodes went."""
+    runners = getattr(stepper, "_runners", [])
+    return {"name": runtime, "profile": getattr(stepper, "profile", None),
+            "placement": [r.placement.to_dict() for r in runners if r.placement is not None]}
 
 
 @app.command()

@@ -52,7 +52,7 @@ class CpuSpec:
     triple: str  # LLVM target triple
     features: str  # explicit LLVM CPU features
     abi: str | None = None
-    fpu: bool = True
+    float_abi: str | None = None  # "soft" for chips without an FPU
 
 
 # -mcpu style names of targets/devices/*.toml -> how LLVM is told about them
@@ -61,7 +61,8 @@ CPUS: dict[str, CpuSpec] = {
     "cortex-m7": CpuSpec("thumbv7em-none-eabihf", "+armv7e-m,+thumb-mode,+dsp,+fp-armv8d16sp"),
     "cortex-m55": CpuSpec("thumbv8.1m.main-none-eabihf",
                           "+armv8.1-m.main,+thumb-mode,+dsp,+mve.fp,+fp-armv8d16sp"),
-    "cortex-m0plus": CpuSpec("thumbv6m-none-eabi", "+armv6-m,+thumb-mode,+soft-float", fpu=False),
+    "cortex-m0plus": CpuSpec("thumbv6m-none-eabi", "+armv6-m,+thumb-mode,+soft-float",
+                              float_abi="soft"),
     "rv32imafc": CpuSpec("riscv32-unknown-elf", "+m,+a,+f,+c", abi="ilp32f"),
 }
 
@@ -178,6 +179,8 @@ def cross_compile(model: onnx.ModelProto, cpu: str, out_dir: Path, rel_to: Path 
             f"--iree-llvmcpu-static-library-output-path={lib}"]
     if spec.abi:
         args.append(f"--iree-llvmcpu-target-abi={spec.abi}")
+    if spec.float_abi:
+        args.append(f"--iree-llvmcpu-target-float-abi={spec.float_abi}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         _compile(import_onnx(model, Path(tmp)), args, module)

@@ -46,6 +46,7 @@ A pattern the profile does not know is left as it is, and `npu_violations` names
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -550,3 +551,25 @@ def _is_2x2_pool(node: onnx.NodeProto) -> bool:
             and not any(a.get("pads", [0] * 4)) and not a.get("ceil_mode", 0)
             and list(a.get("dilations", [1, 1])) == [1, 1] and not a.get("storage_order", 0)
             and math.prod(a.get("kernel_shape", [])) == 4)
+
+
+def profile_bundle(bundle: str | Path, profile: str) -> list[str]:
+    """Put the training graphs of a written bundle (whole step, per-layer) into `profile`
+    (same interface, so the manifest's inputs, outputs and bindings stay valid) and rehash
+    them; returns the files rewritten. infer.onnx keeps its dynamic batch and is left alone."""
+    from export.bundle import MANIFEST, check_bundle, sha256
+
+    check_profile(profile)
+    bundle = Path(bundle)
+    manifest = check_bundle(bundle)
+    if profile == "plain":
+        return []
+    files, done = dict(manifest.files), []
+    for io in (manifest.step, *manifest.layers):
+        path = bundle / io.file
+        onnx.save(apply_profile(onnx.load(str(path)), profile), path)
+        files[io.file] = sha256(path)
+        done.append(io.file)
+    (bundle / MANIFEST).write_text(manifest.with_(files=files).to_json())
+    check_bundle(bundle)
+    return done

@@ -2,6 +2,9 @@
 
     edge export --rule clapp++ --data digits --width 0.25 --batch-size 16 --per-layer -o DIR
     edge export --check DIR [--json]
+    edge export ... --profile npu           graphs in the npu operator profile (export.profile)
+    edge export ... --compile iree          + IREE: host module, parity check, static library
+                                            for the target's cpu, code size vs flash
 
 Mounted by the CLI as `app.command(name="export")(export_cmd)`. Every failure is an
 EdgeError (the CLI prints one line and exits 2).
@@ -58,6 +61,10 @@ def export_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
     per_layer: Annotated[bool, typer.Option(help="Also write one step graph per layer.")]
     = False,
+    profile: Annotated[str, typer.Option(help="Operator profile: plain | npu (same numbers).")]
+    = "plain",
+    compile_with: Annotated[str | None, typer.Option(
+        "--compile", help="Compile the step: iree (host + the target's cpu).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export a local rule's training step as ONNX (a bundle a device trains with), or check one."""
@@ -73,6 +80,16 @@ def export_cmd(
 
     if data not in IN_SHAPES:
         raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
+    from export.profile import check_profile, profile_bundle
+
+    check_profile(profile)
+    if compile_with not in (None, "iree"):
+        raise EdgeError(f"unknown compiler {compile_with!r}; valid: iree")
+    if compile_with == "iree":
+        from export.iree import _compiler, _runtime
+
+        _compiler()  # a missing extra fails before the export, not after
+        _runtime()
     tgt = None
     if target is not None:
         import targets
@@ -88,6 +105,19 @@ def export_cmd(
     assert out is not None
     manifest = write_bundle(out, spec, learning_rule, opt, params, state, batch_size,
                             target=tgt, per_layer=per_layer)
-    result = {"bundle": str(out), **summary(manifest),
+    profile_bundle(out, profile)
+    result = {"bundle": str(out), **summary(manifest), "profile": profile,
               "warnings": _target_warnings(tgt, manifest.quant)}
+    if compile_with == "iree":
+        from export.iree import compile_bundle
+
+        result["iree"] = compile_bundle(out, tgt)
+    if as_json:
+        _print(result, as_json)
+        return
+    iree = result.pop("iree", None)
     _print(result, as_json)
+    if iree is not None:
+        from edge.memory.report import render_code_size
+
+        render_code_size(iree)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from edge.errors import EdgeError
 from edge.memory.onnx_graph import GraphOptions
-from edge.memory.report import plot_timeline, render_table
+from edge.memory.report import plot_timeline, render_code_size, render_table
 from edge.memory.simulate import (
     POLICIES,
     MemoryReport,
@@ -27,6 +27,12 @@ from edge.memory.simulate import (
     simulate,
 )
 from targets import Target
+
+
+def read_iree_report(bundle: Path) -> dict[str, Any] | None:
+    from export.iree import read_report
+
+    return read_report(bundle)
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:
@@ -170,10 +176,14 @@ def simulate_cmd(
             obj["max_batch"] = best
         if plot is not None:
             obj["plot"] = str(plot)
+        if bundle is not None and (iree := read_iree_report(bundle)):
+            obj["code_size"] = iree.get("cross")  # edge export --compile iree's artifacts
         typer.echo(json.dumps(obj, default=str))
         return
     console = Console()
     render_table(report, console)
+    if bundle is not None and (iree := read_iree_report(bundle)):
+        render_code_size(iree, console)
     if bp_report is not None:
         console.print(
             f"backprop (bp-infonce, same network): peak {bp_report.peak_bytes:,} B, "

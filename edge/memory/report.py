@@ -137,3 +137,31 @@ def plot_timeline(report: MemoryReport, path: str | Path, title: str | None = No
     finally:
         plt.close(fig)
     return path
+
+
+def render_code_size(iree: dict, console: Console | None = None) -> None:
+    """The IREE-compiled step's code beside the target's flash (`export.iree` report)."""
+    console = console or Console()
+    check = iree.get("parity") or {}
+    console.print(f"IREE host module {fmt_bytes(iree['host']['bytes'])}; parity with "
+                  f"onnxruntime over {check.get('steps')} steps: relative L2 "
+                  f"{check.get('max_rel_l2', 0):.1e}")
+    cross = iree.get("cross")
+    if not cross:
+        return
+    t = Table(title=f"code for {cross['target']} ({cross['cpu']}, {cross['triple']})")
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    for key in ("code_bytes", "rodata_bytes", "data_bytes", "module_bytes"):
+        t.add_row(key.removesuffix("_bytes"), fmt_bytes(cross[key]))
+    flash = cross.get("flash")
+    used = fmt_bytes(cross["flash_bytes"])
+    if flash:
+        verdict = "fits" if flash["fits"] else "[red]does not fit[/red]"
+        t.add_row(f"flash ({flash['tier']})", f"{used} of {fmt_bytes(flash['capacity'])}",
+                  f"{100 * flash['fraction']:.1f} %, {verdict}")
+    else:
+        t.add_row("flash", used, "target lists no flash tier")
+    console.print(t)
+    console.print("note: the IREE runtime (VM + HAL) and soft-float helpers are linked once per "
+                  "firmware and not counted")
