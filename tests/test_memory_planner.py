@@ -21,6 +21,7 @@ from edge.memory.planner import (
     lower_bound,
     no_reuse,
     plan_schedule,
+    refined_plan,
 )
 from edge.memory.schedule import Lifetime, Op, Schedule, TensorInfo
 from edge.memory.simulate import SimOptions, simulate
@@ -80,6 +81,19 @@ def test_greedy_can_exceed_the_lower_bound() -> None:
     plan = greedy_plan(bufs)
     assert plan.offsets() == {"C": 0, "A": 64, "B": 0, "D": 112}
     assert plan.arena_bytes == 144 and lower_bound(bufs) == 128 and no_reuse(bufs) == 192
+
+
+def test_refinement_reaches_the_lower_bound_by_hand() -> None:
+    # The case above: greedy puts D on top (112). Round 1 places D first: D@0, C@0, A@64,
+    # B: gap 32..64 too small -> 112, on top. Round 2 places B, D first: B@0, D@48, C@0,
+    # A above B, C and D -> 80. Arena 128 = the lower bound; greedy's 144 is kept.
+    bufs = [Buffer("A", 48, 0, 3), Buffer("B", 48, 3, 3), Buffer("C", 64, 0, 1),
+            Buffer("D", 32, 3, 3)]
+    plan = refined_plan(bufs)
+    assert plan.offsets() == {"B": 0, "D": 48, "C": 0, "A": 80}
+    assert plan.arena_bytes == 128 == lower_bound(bufs) and plan.greedy_bytes == 144
+    check_no_overlap(plan)
+    assert refined_plan(bufs[:1]).greedy_bytes is None  # nothing to improve: plain greedy
 
 
 def test_alignment_rounds_sizes_and_offsets() -> None:

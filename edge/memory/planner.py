@@ -9,11 +9,12 @@ in op steps. The planner:
    buffer whose lifetime overlaps its own: walk the time-overlapping buffers in offset order
    and take the first gap that is big enough, else go past the highest one.
 
-`refined_plan` (what `plan_schedule` uses) starts from that plan and, while the arena is above
-the lower bound, re-plans a few times with the buffers that end at the top of the arena moved
-to the front of the order (small long-lived tensors placed last by size tend to land on top
-of everything); the smallest arena wins, TFLite Micro's own plan on ties, and
-`ArenaPlan.greedy_bytes` keeps what plain greedy gave.
+`refined_plan` (what `plan_schedule` uses) starts from that plan and, while the arena is more
+than 1% above the lower bound, also tries first fit in other orders (`ORDERS`: first use,
+longest-lived, largest size x lifetime, last use first), each re-planned a few times with the
+buffers that end at the top of the arena moved to the front (small long-lived tensors placed
+last by size tend to land on top of everything). The smallest arena wins, TFLite Micro's own
+plan on ties; `ArenaPlan.greedy_bytes` keeps what plain greedy gave when it lost.
 
 The arena size is the highest end address. Two reference numbers bracket it:
 
@@ -27,8 +28,7 @@ Both use the same aligned sizes as the plan, so the ratios compare like with lik
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -97,17 +97,23 @@ class ArenaPlan:
 def _place(items: list[Buffer]) -> list[Placement]:
     """First fit, in the given order, of already aligned buffers."""
     placed: list[Placement] = []
-    by_offset: list[tuple[int, int, int, int]] = []  # (offset, end, first, last), sorted
+    steps = max((b.last for b in items), default=0) + 1
+    at: list[list[int]] = [[] for _ in range(steps)]  # step -> placed buffers live then
     for buf in items:
         offset = 0
         if buf.size:
-            for start, end, first, last in by_offset:  # ascending offset: first fit
-                if first > buf.last or buf.first > last:
-                    continue  # not live at the same time
-                if offset + buf.size <= start:
+            if buf.last - buf.first < 64:  # short-lived: who is live during its steps
+                near = {j for t in range(buf.first, buf.last + 1) for j in at[t]}
+            else:  # long-lived: scanning every placed buffer is cheaper
+                near = {j for j, p in enumerate(placed)
+                        if p.size and p.first <= buf.last and buf.first <= p.last}
+            for j in sorted(near, key=lambda j: placed[j].offset):  # first fit, bottom up
+                p = placed[j]
+                if offset + buf.size <= p.offset:
                     break
-                offset = max(offset, end)
-            bisect.insort(by_offset, (offset, offset + buf.size, buf.first, buf.last))
+                offset = max(offset, p.offset + p.size)
+            for t in range(buf.first, buf.last + 1):
+                at[t].append(len(placed))
         placed.append(Placement(buf.name, offset, buf.size, buf.first, buf.last))
     return placed
 
@@ -130,15 +136,22 @@ def greedy_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT) -
     return ArenaPlan(tuple(placed), _top(placed), alignment)
 
 
-def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
-                 rounds: int = 16) -> ArenaPlan:
-    """Greedy by size, then up to `rounds` re-plans with the top buffers first (docstring)."""
-    items = _aligned(buffers, alignment)
+# Placement orders `refined_plan` tries, TFLite Micro's (largest first) first.
+ORDERS: dict[str, Callable[[Buffer], tuple]] = {
+    "size": lambda b: (-b.size, b.first, b.name),
+    "first use": lambda b: (b.first, -b.size, b.name),
+    "lifetime": lambda b: (-(b.last - b.first), -b.size, b.first, b.name),
+    "area": lambda b: (-b.size * (b.last - b.first + 1), b.first, b.name),
+    "last use": lambda b: (-b.last, -b.size, b.name),
+}
+
+
+def _promoted(items: list[Buffer], rounds: int, good_enough: int) -> list[Placement]:
+    """First fit of `items`, then re-fits with the buffers ending at the top moved first."""
     placed = best = _place(items)
-    plain, floor = _top(best), lower_bound(items, alignment)
     seen: set[frozenset[str]] = set()
     for _ in range(rounds):
-        if _top(best) <= floor:
+        if _top(best) <= good_enough:
             break
         top = _top(placed)
         first = frozenset(p.name for p in placed if p.size and p.offset + p.size == top)
@@ -147,6 +160,22 @@ def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
         seen.add(first)
         items = [b for b in items if b.name in first] + [b for b in items if b.name not in first]
         placed = _place(items)
+        if _top(placed) < _top(best):
+            best = placed
+    return best
+
+
+def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
+                 rounds: int = 16, tolerance: float = 1.01) -> ArenaPlan:
+    """Greedy by size; while the arena is above `tolerance` x the lower bound, the other
+    `ORDERS` too, each refined by up to `rounds` top-first re-plans (module docstring)."""
+    items = _aligned(buffers, alignment)
+    best = _place(items)
+    plain, good_enough = _top(best), int(tolerance * lower_bound(items, alignment))
+    for key in ORDERS.values():
+        if _top(best) <= good_enough:
+            break
+        placed = _promoted(sorted(items, key=key), rounds, good_enough)
         if _top(placed) < _top(best):
             best = placed
     return ArenaPlan(tuple(best), _top(best), alignment,
