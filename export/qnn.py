@@ -40,9 +40,10 @@ PRECISIONS = ("fp16",)
 # SM8650 (Snapdragon 8 Gen 3), HTP v75: the SoC table of ExecuTorch's QNN backend
 # (backends/qualcomm/serialization/qc_schema.py: SM8650 = 57 # v75)
 DEFAULT_SOC = "57"
-# fp16 HTP vs fp32 onnxruntime, relative L2 per parameter / state tensor after 20 SGD steps
-# (measured worst over the local rules: see benchmarks/results/runtimes/)
-FP16_TOLERANCE = 5e-2
+# fp16 HTP vs fp32 onnxruntime, relative L2 per parameter / state tensor after 20 SGD steps:
+# measured worst 0.107 over the local rules (clapp++both, lr 1e-2, digits x0.25, batch 8;
+# benchmarks/results/runtimes/). fp16 error grows with the steps: this is not fp32 parity.
+FP16_TOLERANCE = 0.15
 _FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
 
 
