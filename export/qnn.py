@@ -18,8 +18,8 @@ is refused. QNN's HTP fp32 path (no soc_model) is not offered: its graph finalis
 (QNN_COMMON_ERROR_MEM_ALLOC) for a comparison -> Cast feeding arithmetic and also for Sub,
 Div or Sqrt feeding Mul, which every optimizer update contains; and the backend keeps the
 first session's settings for the whole process, so an fp32 session made after an fp16 one
-silently runs in fp16. Integer steps (int32 MatMul, Neg, Cast) are not taken by the HTP: the
-error lists them.
+silently runs in fp16. Integer steps (MatMulInteger, integer Neg, Cast) are not taken by the
+HTP: the error lists them.
 """
 
 from __future__ import annotations
