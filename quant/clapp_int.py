@@ -38,7 +38,16 @@ from quant.integer import (
     window_code,
     window_spread,
 )
-from quant.intops import int_matmul, round_shift, saturate, saturate32, stochastic_shift
+from quant.intops import (
+    dims,
+    int_matmul,
+    narrow,
+    round_shift,
+    saturate,
+    saturate32,
+    stochastic_shift,
+    widen,
+)
 from quant.plan import W_MAX, LayerPlan, QuantPlan, forward_value
 
 TERMS = {
@@ -76,23 +85,25 @@ def family_layout(rule, net: NetSpec) -> list[tuple[tuple[int, int], tuple[tuple
 def predictor(
     i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Forward (int8-valued) predictor matrices of one term, keyed B or U, V."""
+    """Forward (int8) predictor matrices of one term, keyed B or U, V."""
     out = {}
     for k in ("B", "U", "V"):
         name = f"rule.{i}.{prefix}{k}"
         if name in qparams:
-            out[k] = forward_value(qparams[name], plan.params[name])
+            out[k] = narrow(forward_value(qparams[name], plan.params[name]), torch.int8)
     return out
 
 
 def _requant(acc: Tensor, shift: int) -> Tensor:
-    return saturate(round_shift(acc, shift), -W_MAX, W_MAX)
+    """An accumulator requantized to int8 [-127, 127] (clipped, then cast)."""
+    return saturate(round_shift(acc, shift), -W_MAX, W_MAX).to(torch.int8)
 
 
 def predict(
     P: dict[str, Tensor], f: dict[str, int], lp: LayerPlan, c: Tensor, f_c: int
 ) -> tuple[Tensor, Tensor | None]:
-    """q = requant(B c) (int8 at f_q) for every row of c; low rank also returns t = c V."""
+    """q = requant(B c) (int8 at f_q) for every row of the uint8 codes c; low rank also
+    returns t = requant(c V) (int8 at f_t)."""
     if "B" in P:
         return _requant(int_matmul(c, P["B"].t()), f_c + f["B"] - lp.f_q), None
     t = _requant(int_matmul(c, P["V"]), f_c + f["V"] - lp.f_t)
@@ -137,10 +148,10 @@ class ClappFamilyInt:
         (float, dequantized from the integer margins). `err_noise`: random bits (2N, D) for
         the stochastic rounding of the error (`quant.integer.make_noise`, key `err.{i}`)."""
         lp, n = plan.layers[i], plan.batch
-        z = window_code(out.y, lp.window)
+        z = window_code(out.y, lp.window)  # uint8
         z1, z2 = z[:n], z[n:]
         thr, unit = threshold(lp.f_y + lp.f_q)
-        gz = [torch.zeros_like(z1), torch.zeros_like(z2)]  # error at the code of each view
+        gz = [torch.zeros(dims(z1), dtype=torch.int64), torch.zeros(dims(z2), dtype=torch.int64)]
         loss = torch.zeros((), dtype=torch.int64)
         grads: dict[str, Tensor] = {}
         for prefix, kind in lp.terms:
@@ -159,9 +170,10 @@ class ClappFamilyInt:
             q2, t2 = predict(P, f, lp, c2, f_c)
             anchors = (z1, z1, z2, z2)
             preds = (q2, roll(q2), q1, roll(q1))
-            rows = []
+            signs = []  # m per row block: -1 / 0 on positive pairs, 0 / +1 on negative ones
             for j, (a, q) in enumerate(zip(anchors, preds, strict=True)):
-                u = (a * q).sum(1) * unit
+                q = widen(q)
+                u = (widen(a) * q).sum(1) * unit
                 if j % 2 == 0:  # positive pair: m = -1 while u < 1
                     margin = thr - u
                     m = -(margin > 0).to(torch.int64)
@@ -170,20 +182,32 @@ class ClappFamilyInt:
                     m = (margin > 0).to(torch.int64)
                 loss = loss + torch.clamp(margin, min=0).sum()
                 gz[j // 2] = gz[j // 2] + m[:, None] * q
-                rows.append(m[:, None] * a)
-            A = torch.cat(rows)
+                signs.append(m)
+            # rows of A = m z (9-bit); every product below keeps 8-bit operands
+            M = torch.cat(signs)[:, None]
+            Z = torch.cat(anchors)
             C = torch.cat((c2, roll(c2), c1, roll(c1)))
             key = f"rule.{i}.{prefix}"
-            if "B" in P:
-                grads[key + "B"] = saturate32(int_matmul(A.t(), C))
-            else:
+            if "B" in P:  # A^T C = (rows with m = +1)^T C - (rows with m = -1)^T C, uint8 x uint8
+                act = [
+                    narrow(widen(a) * m.abs()[:, None], torch.uint8)
+                    for a, m in zip(anchors, signs, strict=True)
+                ]
+                blocks = [C[j * n : (j + 1) * n] for j in range(4)]
+                # negative pairs (blocks 1, 3) have m = +1, positive pairs (0, 2) m = -1
+                up = int_matmul(torch.cat((act[1], act[3])).t(), torch.cat((blocks[1], blocks[3])))
+                down = int_matmul(
+                    torch.cat((act[0], act[2])).t(), torch.cat((blocks[0], blocks[2]))
+                )
+                grads[key + "B"] = saturate32(up - down)
+            else:  # A U = m (Z U) and A^T T = Z^T (m T): the sign moves onto an 8-bit factor
                 T = torch.cat((t2, roll(t2), t1, roll(t1)))
-                au = _requant(int_matmul(A, P["U"]), lp.f_y + f["U"] - lp.f_au)
-                grads[key + "U"] = saturate32(int_matmul(A.t(), T))
+                au = _requant(M * int_matmul(Z, P["U"]), lp.f_y + f["U"] - lp.f_au)
+                grads[key + "U"] = saturate32(int_matmul(Z.t(), narrow(M * widen(T), torch.int8)))
                 grads[key + "V"] = saturate32(int_matmul(C.t(), au))
         e = saturate(stochastic_shift(torch.cat(gz), lp.e_shift, err_noise), -W_MAX, W_MAX)
         e = window_spread(e, out.y.shape, lp.window)
-        gw, gb = int_layer_backward(layer, out, e, lp.x_signed)
+        gw, gb = int_layer_backward(layer, out, e)
         grads = {f"enc.{i}.w": gw, f"enc.{i}.b": gb, **grads}
         return grads, (loss.to(torch.float64) / (thr * 2 * n)).float()
 

@@ -30,10 +30,12 @@ from torch import Tensor
 from edge.nets import LayerSpec, NetSpec
 from quant.intops import (
     NOISE_BITS,
+    dims,
     div_round,
     int_conv2d,
     int_conv2d_weight,
     int_matmul,
+    narrow,
     round_shift,
     saturate,
     saturate32,
@@ -56,69 +58,73 @@ class IntLayerOut:
 
 
 def layer_weights(plan: QuantPlan, qparams: dict[str, Tensor], i: int) -> tuple[Tensor, Tensor]:
-    """Layer i's forward weight (int8 values) and bias (int32 values), as int64."""
+    """Layer i's forward weight (int8, the top bits of the store) and bias (int32 values, as
+    int64)."""
     w, b = f"enc.{i}.w", f"enc.{i}.b"
-    return forward_value(qparams[w], plan.params[w]), forward_value(qparams[b], plan.params[b])
+    w8 = narrow(forward_value(qparams[w], plan.params[w]), torch.int8)
+    return w8, forward_value(qparams[b], plan.params[b])
 
 
 def max_pool_first(acc: Tensor) -> tuple[Tensor, Tensor]:
     """2x2/stride-2 max-pool (floor crop) of (N, C, H, W) and which of the four won.
 
     Ties go to the first in (0,0), (0,1), (1,0), (1,1) order, written out explicitly so the
-    choice never depends on a library's scan order.
+    choice never depends on a library's scan order. In integer arithmetic, no comparisons:
+    eq_k = 1 - clamp(m - a_k, 0, 1) is 1 exactly where a_k is the maximum m.
     """
-    hp, wp = acc.shape[2] // 2, acc.shape[3] // 2
+    hp, wp = dims(acc)[2] // 2, dims(acc)[3] // 2
     a = [acc[:, :, i : 2 * hp : 2, j : 2 * wp : 2] for i in (0, 1) for j in (0, 1)]
     m = torch.maximum(torch.maximum(a[0], a[1]), torch.maximum(a[2], a[3]))
-    sel = torch.where(a[0] == m, 0, torch.where(a[1] == m, 1, torch.where(a[2] == m, 2, 3)))
-    return m, sel.to(torch.uint8)
+    eq = [1 - saturate(m - t, 0, 1) for t in a[:3]]
+    not0, not1 = 1 - eq[0], 1 - eq[1]
+    # sel = 1 [first max at 1] + 2 [at 2] + 3 [at 3]
+    first1 = eq[1] * not0
+    first2 = eq[2] * not0 * not1
+    first3 = not0 * not1 * (1 - eq[2])
+    return m, narrow(first1 + 2 * first2 + 3 * first3, torch.uint8)
 
 
 def unpool(g: Tensor, sel: Tensor, hw: tuple[int, int]) -> Tensor:
     """Adjoint of `max_pool_first`: each pooled value goes to its chosen position, zeros else."""
-
-    def up(t: Tensor) -> Tensor:
-        return t.repeat_interleave(2, 2).repeat_interleave(2, 3)
-
-    hp, wp = g.shape[2], g.shape[3]
-    rows = torch.arange(2 * hp).remainder(2)[:, None]
-    cols = torch.arange(2 * wp).remainder(2)[None, :]
-    where = 2 * rows + cols  # which of the four positions each full-map cell is
-    full = up(g) * (up(widen(sel)) == where).to(g.dtype)
+    n, c, hp, wp = dims(g)
+    s = widen(sel)
+    parts = [g * (s == k).to(g.dtype) for k in range(4)]  # (0,0), (0,1), (1,0), (1,1)
+    full = torch.stack(parts, -1).reshape(n, c, hp, wp, 2, 2).permute(0, 1, 2, 4, 3, 5)
+    full = full.reshape(n, c, 2 * hp, 2 * wp)
     return F.pad(full, (0, hw[1] - 2 * wp, 0, hw[0] - 2 * hp))
 
 
 def int_layer_forward(
     layer: LayerSpec, lp: LayerPlan, w: Tensor, b: Tensor, x: Tensor
 ) -> IntLayerOut:
-    """acc = x * w + b (int32), max-pool on acc, y = clamp(round_shift(acc), 0, 255) as uint8."""
+    """acc = x * w + b (int32), max-pool on acc, y = clamp(round_shift(acc), 0, 255) as uint8.
+    x: int8 (the network input) or uint8, w: int8 (`layer_weights`), b: int64."""
     sel, hw = None, None
     if layer.kind == "linear":
         x = x.flatten(1)
         acc = int_matmul(x, w.t()) + b
     else:
-        acc = int_conv2d(x, w, lp.x_signed) + b[None, :, None, None]
+        acc = int_conv2d(x, w) + b[None, :, None, None]
         if layer.pool:
-            hw = (acc.shape[2], acc.shape[3])
+            hw = dims(acc)[2:]
             acc, sel = max_pool_first(acc)
     y = saturate(round_shift(acc, lp.f_x + lp.f_w - lp.f_y), 0, A_MAX).to(torch.uint8)
     return IntLayerOut(x, y, sel, hw)
 
 
-def int_layer_backward(
-    layer: LayerSpec, out: IntLayerOut, e: Tensor, x_signed: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Integer dW, db (int32, saturating) from the int8 error `e` at the layer's output.
+def int_layer_backward(layer: LayerSpec, out: IntLayerOut, e: Tensor) -> tuple[Tensor, Tensor]:
+    """Integer dW, db (int32, saturating) from the int8-valued error `e` at the layer's output.
 
     Mask by y > 0 (the ReLU; exact at the max-pool's choice too), route through the max-pool,
     then the Hebbian product with the layer's own input, accumulated in int32.
     """
     e = widen(e) * (out.y > 0).to(torch.int64)
     if layer.kind == "linear":
-        return saturate32(int_matmul(e.t(), widen(out.x))), saturate32(e.sum(0))
+        gw = int_matmul(narrow(e, torch.int8).t(), out.x)
+        return saturate32(gw), saturate32(e.sum(0))
     if out.sel is not None:
         e = unpool(e, out.sel, out.full_hw)
-    gw = int_conv2d_weight(out.x, e, x_signed)
+    gw = int_conv2d_weight(out.x, narrow(e, torch.int8))
     return saturate32(gw), saturate32(e.sum((0, 2, 3)))
 
 
@@ -128,15 +134,15 @@ def window_sum(y: Tensor, window: tuple[int, int]) -> Tensor:
     if y.dim() == 2:
         return widen(y)
     kh, kw = window
-    n, c, h, w = y.shape
+    n, c, h, w = dims(y)
     hp, wp = h // kh, w // kw
     y = widen(y[:, :, : hp * kh, : wp * kw])
     return y.reshape(n, c, hp, kh, wp, kw).sum((3, 5)).flatten(1)
 
 
 def window_code(y: Tensor, window: tuple[int, int]) -> Tensor:
-    """The pooled code z: window averages of uint8 y, rounded half to even, still uint8 range."""
-    return div_round(window_sum(y, window), window[0] * window[1])
+    """The pooled code z: window averages of uint8 y, rounded half to even, as uint8."""
+    return narrow(div_round(window_sum(y, window), window[0] * window[1]), torch.uint8)
 
 
 def window_spread(g: Tensor, y_shape: torch.Size, window: tuple[int, int]) -> Tensor:
@@ -145,7 +151,7 @@ def window_spread(g: Tensor, y_shape: torch.Size, window: tuple[int, int]) -> Te
     if len(y_shape) == 2:
         return g
     kh, kw = window
-    n, c, h, w = y_shape
+    n, c, h, w = (int(d) for d in y_shape)
     hp, wp = h // kh, w // kw
     g = g.reshape(n, c, hp, 1, wp, 1).expand(n, c, hp, kh, wp, kw).reshape(n, c, hp * kh, wp * kw)
     return F.pad(g, (0, w - wp * kw, 0, h - hp * kh))

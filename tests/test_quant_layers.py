@@ -127,44 +127,58 @@ def test_integer_forward_equals_brevitas_and_onnx_at_the_plan_scales(tmp_path):
 
 def test_integer_primitives_trace_to_standard_integer_onnx_ops(tmp_path):
     """What the exporter relies on: the integer ops of quant.intops trace (TorchScript
-    exporter) to standard ONNX integer ops, ConvInteger for the convolutions, and run
-    bit-exactly in onnxruntime, negative floor shifts and chunked Hebbian sums included."""
+    exporter) to standard ONNX integer ops (ConvInteger, MatMulInteger, Mod/Div floors, no
+    float arithmetic) and run bit-exactly in onnxruntime: negative floor shifts, chunked
+    Hebbian sums and matmuls, every 8-bit signedness pairing, extreme operands."""
     import onnx
 
     from quant import intops
 
     class Ops(torch.nn.Module):
-        def forward(self, x, w, e, noise):
-            a = intops.int_conv2d(x, w)
+        def forward(self, x, w, e, noise, a, b):
+            acc = intops.int_conv2d(x, w)
             g = intops.int_conv2d_weight(x, e)
+            s8 = intops.narrow(intops.floor_shift(a.to(torch.int64) * 3 - 300, 2), torch.int8)
             return (
-                a,
+                acc,
                 intops.saturate32(g),
-                intops.floor_shift(a, 3),
-                intops.round_shift(a, 4),
-                intops.stochastic_shift(-a, 5, noise),
-                intops.div_round(a, 9),
-                intops.int_matmul(a.flatten(1)[:, :6], g.flatten()[:12].reshape(6, 2)),
+                intops.floor_shift(-acc, 3),
+                intops.floor_mod(-acc, 6),
+                intops.round_shift(acc - 1000, 4),
+                intops.stochastic_shift(-acc, 5, noise),
+                intops.stochastic_shift(acc, 19, noise),
+                intops.div_round(-acc, 9),
+                intops.div_round(acc - 77, 12),
+                intops.int_matmul(a, b),  # u8 x s8
+                intops.int_matmul(s8, b),  # s8 x s8
+                intops.int_matmul(b.t(), a.t()),  # s8 x u8
+                intops.int_matmul(a, a.t()),  # u8 x u8, K beyond one int32 chunk
             )
 
     g = torch.Generator().manual_seed(0)
-    n = 2 * intops.conv_weight_chunk(8, 8) + 1  # three chunks of the Hebbian sum
+    n = 2 * intops.conv_weight_chunk(8, 8, 256, 128) + 1  # three chunks of the Hebbian sum
     x = torch.randint(0, 256, (n, 3, 8, 8), generator=g).to(torch.uint8)
     x[:, :, :4] = 255  # extreme operands: no saturating fast path may touch them
     w = torch.randint(-127, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
     e = torch.full((n, 4, 8, 8), 127, dtype=torch.int8)
     e[:, :2] = torch.randint(-127, 128, (n, 2, 8, 8), generator=g).to(torch.int8)
     noise = torch.randint(0, 1 << 16, (n, 4, 8, 8), generator=g).to(torch.int32)
-    want = Ops()(x, w, e, noise)
+    a = torch.randint(0, 256, (3, 40_000), generator=g).to(torch.uint8)
+    a[:, ::2] = 255
+    b = torch.randint(-127, 128, (40_000, 2), generator=g).to(torch.int8)
+    b[::2] = 127
+    inputs = (x, w, e, noise, a, b)
+    want = Ops()(*inputs)
     path = tmp_path / "ops.onnx"
-    torch.onnx.export(Ops(), (x, w, e, noise), str(path), dynamo=False, opset_version=18)
+    torch.onnx.export(Ops(), inputs, str(path), dynamo=False, opset_version=18)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "ConvInteger" in ops and "Conv" not in ops
+    assert {"ConvInteger", "MatMulInteger", "Mod"} <= ops
+    assert not ops & {"Conv", "MatMul", "Floor", "BitShift"}, ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(
-        None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, w, e, noise), strict=True)}
+        None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)}
     )
     assert float(want[1].abs().max()) >= 2**31 - 1  # the Hebbian sum did saturate
-    for a, b in zip(got, want, strict=True):
-        assert a.dtype == np.int64
-        np.testing.assert_array_equal(a, b.numpy())
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == np.int64, i
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=f"output {i}")

@@ -151,15 +151,31 @@ def test_saturation_happens_before_narrowing():
     assert big.to(torch.int32).tolist() != sat.tolist()  # a bare cast would have wrapped
 
 
-def test_integer_products_are_exact():
+def _operand(g, shape, dtype, extreme=False):
+    lo, hi = (0, 255) if dtype == torch.uint8 else (-127, 127)
+    if extreme:  # only the extremes: the largest partial sums, any saturating kernel shows
+        return torch.where(torch.rand(shape, generator=g) < 0.5, lo, hi).to(dtype)
+    return torch.randint(lo, hi + 1, shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int8])
+def test_integer_products_are_exact(x_dtype, extreme):
+    """Exact against the NumPy int64 reference, with sums far beyond float32's 2^24 (the
+    eager float32 paths chunk them) and for both operand signednesses."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (3, 5, 6, 7), generator=g)
-    w = torch.randint(-127, 128, (4, 5, 3, 3), generator=g)
-    e = torch.randint(-127, 128, (3, 4, 6, 7), generator=g)
-    assert np.array_equal(intops.int_conv2d(x, w).numpy(), reference.conv3x3(x.numpy(), w.numpy()))
+    x = _operand(g, (12, 70, 9, 7), x_dtype, extreme)  # 9 x 70 x 255 x 127 > 2^24, and
+    w = _operand(g, (4, 70, 3, 3), torch.int8, extreme)
+    e = _operand(g, (12, 4, 9, 7), torch.int8, extreme)  # 12 x 9 x 7 x 255 x 127 too
+    xn, wn, en = (t.numpy().astype(np.int64) for t in (x, w, e))
+    assert np.array_equal(intops.int_conv2d(x, w).numpy(), reference.conv3x3(xn, wn))
     assert np.array_equal(
-        intops.int_conv2d_weight(x, e).numpy(), reference.conv3x3_weight_grad(x.numpy(), e.numpy())
+        intops.int_conv2d_weight(x, e).numpy(), reference.conv3x3_weight_grad(xn, en)
     )
-    a = torch.randint(-(2**20), 2**20, (8, 300), generator=g)
-    b = torch.randint(-(2**20), 2**20, (300, 5), generator=g)
-    assert np.array_equal(intops.int_matmul(a, b).numpy(), a.numpy() @ b.numpy())
+    for b_dtype in (torch.uint8, torch.int8):
+        a = _operand(g, (8, 1500), x_dtype, extreme)
+        b = _operand(g, (1500, 5), b_dtype, extreme)
+        want = a.numpy().astype(np.int64) @ b.numpy().astype(np.int64)
+        assert np.array_equal(intops.int_matmul(a, b).numpy(), want)
+    with pytest.raises(TypeError, match="8-bit|uint8"):
+        intops.int_matmul(torch.ones(2, 2, dtype=torch.int64), b[:2])
