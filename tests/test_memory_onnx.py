@@ -234,9 +234,16 @@ def check_whole_plan(report: MemoryReport) -> None:
 
 
 def test_simulate_sequence_reuses_arena_and_keeps_all_parameters(step_onnx: bytes) -> None:
-    opts = SimOptions(graph=GraphOptions(batch_size=2, bindings=BINDINGS))
+    """Three layers' graphs (their own parameter names): one arena, all parameters resident.
+    The same parameter name in several graphs is one storage (a shared step counter)."""
+    from onnx import compose
+
+    opts = SimOptions(graph=GraphOptions(batch_size=2))
     one = simulate(step_onnx, _target(1 << 20), opts)
-    three = simulate_sequence([step_onnx] * 3, _target(1 << 20), opts)
+    base = onnx.load_from_string(step_onnx)
+    layers = [compose.add_prefix(base, f"l{i}/") for i in range(3)]
+    three = simulate_sequence(layers, _target(1 << 20), opts)
+    assert one.persistent_onchip_bytes > 0 and three.per_category["parameter"] > 0
     check_whole_plan(one)
     check_whole_plan(three)
     assert three.arena_bytes == one.arena_bytes
@@ -244,6 +251,10 @@ def test_simulate_sequence_reuses_arena_and_keeps_all_parameters(step_onnx: byte
     assert three.peak_bytes == one.arena_bytes + 3 * one.persistent_onchip_bytes
     assert len(three.timeline) == 3 * len(one.timeline)
     assert json.loads(json.dumps(three.to_dict()))["fits"] is True
+    same = simulate_sequence([step_onnx] * 3, _target(1 << 20), opts)
+    assert same.persistent_onchip_bytes == one.persistent_onchip_bytes
+    assert same.per_category["parameter"] == one.per_category["parameter"]
+    assert sum(p.category == "parameter" for p in same.plan) == 3  # W1, W2, W3 once each
 
 
 def _cli() -> typer.Typer:

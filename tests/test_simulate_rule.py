@@ -25,6 +25,27 @@ def test_rule_reports_local_and_backprop(capsys):
     assert r["lower_bound_bytes"] <= r["arena_bytes"] <= 1.05 * r["lower_bound_bytes"]
     assert r["backprop_peak_bytes"] > 0
     assert r["local_vs_backprop_peak"] == pytest.approx(r["peak_bytes"] / r["backprop_peak_bytes"])
+    # what-if: the same step as per-layer graphs run one after another (3 conv layers)
+    pl = r["per_layer"]
+    assert pl["graphs"] == 3 and pl["lower_bound_bytes"] <= pl["arena_bytes"]
+    # the same parameters and optimizer state, one arena reused by the layers' graphs
+    assert pl["persistent_onchip_bytes"] == r["persistent_onchip_bytes"]
+    assert pl["peak_bytes"] == pl["arena_bytes"] + pl["persistent_onchip_bytes"]
+    assert r["per_layer_vs_whole_peak"] == pytest.approx(pl["peak_bytes"] / r["peak_bytes"])
+
+
+def test_bundle_with_layers_reports_both(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--rule", "clapp++", "--data", "digits", "--width",
+                       "0.25", "--batch-size", "4", "--per-layer", "-o", str(tmp_path / "b"))
+    assert code in (0, None), err
+    code, out, err = run(capsys, "simulate", "--target", "rp2040", "--bundle",
+                         str(tmp_path / "b"), "--json")
+    assert code in (0, None), err
+    r = json.loads(out)
+    assert r["per_layer"]["graphs"] == 3
+    assert r["per_layer"]["persistent_onchip_bytes"] == r["persistent_onchip_bytes"]
+    code, out, _ = run(capsys, "simulate", "--target", "rp2040", "--bundle", str(tmp_path / "b"))
+    assert "per-layer graphs (3, one after another)" in out
 
 
 def test_exactly_one_source(capsys):

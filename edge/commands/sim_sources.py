@@ -42,6 +42,31 @@ def _net_rule(rule_name: str, data: str, net_name: str | None, width: float):
     return net, rule, params
 
 
+def layers_from_bundle(bundle: Path) -> list[tuple[onnx.ModelProto, dict[str, Any]]]:
+    """The bundle's per-layer graphs with their manifest views ([] if it has none)."""
+    from export.bundle import check_bundle
+
+    manifest = check_bundle(bundle)
+    return [(onnx.load(str(Path(bundle) / io.file)), io.memory_view()) for io in manifest.layers]
+
+
+def layers_from_rule(
+    rule_name: str, data: str, net_name: str | None, width: float, batch: int
+) -> list[tuple[onnx.ModelProto, dict[str, Any]]]:
+    """Per-layer graphs as `edge export --per-layer` writes them; [] for a rule that needs a
+    whole-network context (its layers cannot train one graph at a time)."""
+    from edge.optim import OptimConfig
+    from export.layers import layer_step_graphs
+    from export.program import fp32_program
+
+    net, rule, params = _net_rule(rule_name, data, net_name, width)
+    opt = OptimConfig("adamw", lr=1e-3)
+    if fp32_program(net, rule, opt).layer is None:
+        return []
+    models, ios = layer_step_graphs(net, rule, opt, params, opt.init_state(params), batch)
+    return [(m, io.memory_view()) for m, io in zip(models, ios, strict=True)]
+
+
 def from_rule(
     rule_name: str, data: str, net_name: str | None, width: float, batch: int
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from edge.memory.simulate import (
     load_target,
     max_batch_that_fits,
     simulate,
+    simulate_sequence,
 )
 from targets import Target
 
@@ -85,6 +87,19 @@ def run_simulation(
         manifest=manifest, batch=batch, dims=dims, persistent=persistent, inplace=inplace
     )
     return simulate(model, load_target(target), options)
+
+
+def per_layer_report(
+    layers: list[tuple[ModelProto, dict[str, Any]]], target: Target, *, batch: int | None,
+    persistent: str, inplace: bool,
+) -> MemoryReport:
+    """The per-layer graphs run one after another (the what-if beside the whole step)."""
+    from edge.memory.onnx_graph import schedule_from_onnx
+
+    schedules = [schedule_from_onnx(m, sim_options(manifest=view, batch=batch).graph)
+                 for m, view in layers]
+    return simulate_sequence(schedules, target, SimOptions(persistent=persistent,
+                                                           inplace=inplace))
 
 
 def simulate_cmd(
@@ -156,6 +171,11 @@ def simulate_cmd(
             manifest=man, batch=batch, dims=parse_dims(dim), persistent=persistent, inplace=inplace
         )
         report = simulate(model, tgt, options)
+        layers = (sim_sources.layers_from_bundle(bundle) if bundle is not None
+                  else sim_sources.layers_from_rule(rule, data, net, width, batch)
+                  if rule is not None else [])
+        layer_report = (per_layer_report(layers, tgt, batch=batch, persistent=persistent,
+                                         inplace=inplace) if layers else None)
         if rule is not None:
             bp = sim_sources.backprop_schedule(data, net, width, batch)
             bp_report = simulate(bp, tgt, SimOptions(persistent=persistent, inplace=inplace))
@@ -172,6 +192,16 @@ def simulate_cmd(
             obj["backprop_peak_bytes"] = bp_report.peak_bytes
             obj["backprop_fits"] = bp_report.fits
             obj["local_vs_backprop_peak"] = report.peak_bytes / bp_report.peak_bytes
+        if layer_report is not None:
+            obj["per_layer"] = {
+                "graphs": len(layers), "fits": layer_report.fits,
+                "peak_bytes": layer_report.peak_bytes, "arena_bytes": layer_report.arena_bytes,
+                "lower_bound_bytes": layer_report.lower_bound_bytes,
+                "persistent_onchip_bytes": layer_report.persistent_onchip_bytes,
+                "peak_op": dict(layer_report.peak_op),
+                "tiers": [asdict(t) for t in layer_report.tiers],
+            }
+            obj["per_layer_vs_whole_peak"] = layer_report.peak_bytes / report.peak_bytes
         if max_batch:
             obj["max_batch"] = best
         if plot is not None:
@@ -184,6 +214,12 @@ def simulate_cmd(
     render_table(report, console)
     if bundle is not None and (iree := read_iree_report(bundle)):
         render_code_size(iree, console)
+    if layer_report is not None:
+        console.print(
+            f"per-layer graphs ({len(layers)}, one after another): peak "
+            f"{layer_report.peak_bytes:,} B, fits: {'yes' if layer_report.fits else 'no'}; "
+            f"per-layer / whole step peak {layer_report.peak_bytes / report.peak_bytes:.2f}"
+        )
     if bp_report is not None:
         console.print(
             f"backprop (bp-infonce, same network): peak {bp_report.peak_bytes:,} B, "

@@ -225,6 +225,21 @@ def _place_persistent(
     return where, notes
 
 
+def _shared_persistent(parts: Sequence[_Part]) -> set[str]:
+    """Persistent tensor names that more than one graph holds, at one size: the same storage
+    (the step counter every per-layer graph reads, say), counted once."""
+    if len(parts) < 2:
+        return set()
+    seen: dict[str, set[int]] = {}
+    count: dict[str, int] = {}
+    for p in parts:
+        for t in p.schedule.tensors.values():
+            if t.persistent:
+                seen.setdefault(t.name, set()).add(t.nbytes)
+                count[t.name] = count.get(t.name, 0) + 1
+    return {n for n, sizes in seen.items() if count[n] > 1 and len(sizes) == 1}
+
+
 def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name: str
               ) -> MemoryReport:
     a = options.alignment
@@ -233,12 +248,18 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
     arena = max((p.plan.arena_bytes for p in parts), default=0)
     pers: list[TensorInfo] = []
     writable: set[str] = set()
+    shared = _shared_persistent(parts)
+
+    def key(p: _Part, name: str) -> str:  # one storage for a tensor several graphs share
+        return name if name in shared else p.prefix + name
+
     for p in parts:
         for t in p.schedule.tensors.values():
-            if t.persistent:
-                pers.append(replace(t, name=p.prefix + t.name))
-                if t.category == "optimizer_state" or t.name in p.schedule.bindings.values():
-                    writable.add(p.prefix + t.name)
+            if t.persistent and key(p, t.name) not in {x.name for x in pers}:
+                pers.append(replace(t, name=key(p, t.name)))
+            if t.persistent and (t.category == "optimizer_state"
+                                 or t.name in p.schedule.bindings.values()):
+                writable.add(key(p, t.name))
     where, notes = _place_persistent(pers, writable, arena, target, options, arena_tier)
     tier_kind = {t.name: t.kind for t in target.tiers}
 
@@ -261,23 +282,27 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
         if tier_kind[where[t.name]] == onchip_kind:
             pers_onchip_raw += t.nbytes
     base, saved = 0, 0
+    placed_pers: set[str] = set()
     end = max(sum(len(p.schedule.ops) for p in parts) - 1, 0)  # persistent: live throughout
     for p in parts:
         s, off = p.schedule, p.plan.offsets()
         n = len(s.ops)
         delta: list[dict[str, int]] = [dict.fromkeys(CATEGORIES, 0) for _ in range(n + 1)]
         for t in s.tensors.values():
-            per_category[t.category] += t.nbytes
             lt = s.lifetimes[t.name]
             alias = p.plan.aliases.get(t.name)
-            full = p.prefix + t.name
+            full = key(p, t.name) if t.persistent else p.prefix + t.name
             if t.persistent:
-                plan.append(TensorPlan(full, t.category, where[full], pers_offset[full], t.nbytes,
-                                       0, end))
+                if full not in placed_pers:
+                    placed_pers.add(full)
+                    per_category[t.category] += t.nbytes
+                    plan.append(TensorPlan(full, t.category, where[full], pers_offset[full],
+                                           t.nbytes, 0, end))
                 continue
+            per_category[t.category] += t.nbytes
             if alias is not None:  # bindings target persistent tensors only
                 saved += t.nbytes
-                tgt = p.prefix + alias
+                tgt = key(p, alias)
                 plan.append(TensorPlan(full, t.category, where[tgt], pers_offset[tgt], t.nbytes,
                                        base + lt.first, base + lt.last, tgt))
                 continue
@@ -336,7 +361,8 @@ def simulate_sequence(graphs: Sequence[GraphLike], target: Target | str | Path,
     """Graphs run one after another (e.g. one local-learning step per layer).
 
     Peak = max arena over graphs + the persistent bytes of all graphs. Tensor names get a
-    `g<i>/` prefix; steps are numbered across the whole sequence.
+    `g<i>/` prefix, except persistent tensors several graphs hold at one size (one storage,
+    counted once); steps are numbered across the whole sequence.
     """
     if not graphs:
         raise EdgeError("simulate_sequence needs at least one graph")
