@@ -72,7 +72,14 @@ class ForwardForward(LocalRule):
         return {"threshold": self.threshold, "masks": self.masks, "blur": self.blur,
                 "seed": self.seed}
 
+    def check(self, net: NetSpec) -> None:
+        # Draw the mask bank now, outside any trace: built lazily inside an exported step,
+        # its private generator would be traced as a constant the exporter cannot express.
+        if len(net.in_shape) == 3:
+            self.mask_bank(net.in_shape[1], net.in_shape[2])
+
     def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
+        self.check(net)
         return {}
 
     def mask_bank(self, h: int, w: int) -> Tensor:
@@ -85,7 +92,8 @@ class ForwardForward(LocalRule):
 
     def negatives(self, x1: Tensor, x2: Tensor) -> Tensor:
         n, _, h, w = x1.shape
-        m = self.mask_bank(h, w)[torch.arange(n) % self.masks].to(x1.dtype)
+        m = self.mask_bank(int(h), int(w))  # plain ints: traced shapes would miss the cache
+        m = m[torch.arange(n) % self.masks].to(x1.dtype)
         return m * x1 + (1 - m) * torch.roll(x2, 1, 0)
 
     def context(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Any:
