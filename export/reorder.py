@@ -17,14 +17,20 @@ outputs stay live to the end; graph inputs and initializers belong to the caller
 same bytes in every order, so they are not counted. Sizes come from ONNX shape inference
 (a tensor of unknown shape counts 0 bytes).
 
-Candidate orders, the best one kept:
+Candidate orders (`best_order`), the lowest peak kept, the input order on ties:
 
-* ALAP: every node as late as its readers allow, ties broken by the input order. Sinks
-  allocating sources (ConstantOfShape splats, index ranges) to just before their first use.
-* greedy list scheduling: among ready nodes, the one that adds the fewest bytes (its outputs
-  minus the inputs it is the last reader of), ties to the one continuing the most recent
-  work (finish a layer before starting the next), then the input order; run on the input
-  order and on the ALAP order, so either's structure can break ties.
+* sink: walk the input order; a node that would add bytes (its outputs outweigh the inputs it
+  reads last) waits until a node that needs it runs, then runs just before it, or at the end
+  when nothing does. Moves allocating sources (ConstantOfShape splats, index ranges, a
+  transposed input) from the top of the graph to their first reader.
+* greedy list scheduling: among ready nodes, the one freeing the most bytes if any frees or
+  adds none, else the next one of a given order; run on the input order and on the sunk one,
+  and the sink walk once more over the latter.
+
+Simulated peak of the fp32 CLAPP++ step (host target, AdamW, batch 32): VGG-6 at 1/8 width
+40.9 -> 26.0 MiB, digits net 7.3 -> 5.6 MiB. onnxruntime follows it only when it runs the
+file's order (`ExecutionOrder.PRIORITY_BASED`); its default order is its own sort
+(`benchmarks/sim_vs_measured.py`).
 """
 
 from __future__ import annotations
