@@ -215,17 +215,29 @@ def _conv_eager(x: Tensor, w: Tensor) -> Tensor:
 
 def _conv_weight_eager(x: Tensor, e: Tensor) -> Tensor:
     """gW[o, c, i, j] = sum_{n,h,w} e[n,o,h,w] x[n,c,h+i-1,w+j-1], exact: for each of the nine
-    kernel offsets one (O x NHW) @ (NHW x C) product, K-chunked (`_mm_eager`)."""
+    kernel offsets one (O x NHW) @ (NHW x C) product; float32 with K cut into blocks whose
+    sums stay below 2^24 (zero-padded once, shared by the nine), blocks added in float64."""
     n, c, h, w = x.shape
-    o = e.shape[1]
-    bound = _max_abs(x) * _max_abs(e)
-    dtype = torch.float32 if _fast_f32(x) else torch.float64
-    xp = F.pad(x.to(dtype), (1, 1, 1, 1)).permute(0, 2, 3, 1)  # N, H+2, W+2, C
-    em = e.to(dtype).permute(1, 0, 2, 3).reshape(o, n * h * w)
+    o, k = e.shape[1], n * h * w
     g = torch.empty((o, c, 3, 3), dtype=torch.int64, device=x.device)
+    if not _fast_f32(x):
+        xp = F.pad(x.double(), (1, 1, 1, 1)).permute(0, 2, 3, 1)  # N, H+2, W+2, C
+        em = e.double().permute(1, 0, 2, 3).reshape(o, k)
+        for i in range(3):
+            for j in range(3):
+                g[:, :, i, j] = _to_int(em @ xp[:, i : i + h, j : j + w].reshape(k, c))
+        return g
+    kc = max(1, F32_EXACT // (_max_abs(x) * _max_abs(e)))
+    chunks = -(-k // kc)
+    em = torch.zeros((o, chunks * kc), dtype=torch.float32, device=x.device)
+    em[:, :k] = e.permute(1, 0, 2, 3).reshape(o, k)
+    em = em.reshape(o, chunks, kc).transpose(0, 1).contiguous()  # chunks, O, kc
+    xp = F.pad(x.float(), (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()  # N, H+2, W+2, C
+    xs = torch.zeros((chunks * kc, c), dtype=torch.float32, device=x.device)
     for i in range(3):
         for j in range(3):
-            g[:, :, i, j] = _mm_eager(em, xp[:, i : i + h, j : j + w].reshape(n * h * w, c), bound)
+            xs[:k].view(n, h, w, c).copy_(xp[:, i : i + h, j : j + w])
+            g[:, :, i, j] = _to_int(torch.bmm(em, xs.view(chunks, kc, c)).double().sum(0))
     return g
 
 
