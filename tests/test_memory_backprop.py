@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from edge.errors import EdgeError
 from edge.memory.backprop import joint_schedule
 from edge.memory.planner import check_no_overlap, plan_schedule
+from edge.memory.schedule import Op, Schedule
 from edge.memory.simulate import SimOptions, compare, simulate, simulate_sequence
 from targets import MemoryTier, Target
 
@@ -77,6 +80,21 @@ def test_joint_graph_categories_views_and_inplace() -> None:
     assert plan.arena_bytes >= lb
 
 
+def layers(schedule: Schedule, depth: int) -> list[Schedule]:
+    """`depth` copies of one layer's schedule, each with its own tensor names (its own weights:
+    a sequence shares the storage of a persistent name that several graphs hold)."""
+    def copy(i: int) -> Schedule:
+        def n(name: str) -> str:
+            return f"l{i}.{name}"
+        return Schedule(
+            [Op(n(o.name), o.op_type, tuple(map(n, o.inputs)), tuple(map(n, o.outputs)))
+             for o in schedule.ops],
+            {n(k): dataclasses.replace(t, name=n(k)) for k, t in schedule.tensors.items()},
+            {n(a): n(b) for a, b in schedule.bindings.items()},
+            tuple(map(n, schedule.outputs)), schedule.name)
+    return [copy(i) for i in range(depth)]
+
+
 def test_backprop_peak_grows_with_depth_local_stays_flat() -> None:
     joint, local = [], []
     for depth in (1, 2, 4, 8):
@@ -84,7 +102,7 @@ def test_backprop_peak_grows_with_depth_local_stays_flat() -> None:
         joint.append(simulate(joint_schedule(fn, *args, params=params, bindings=bindings), BIG))
         h, w = args[0], args[2]
         layer = joint_schedule(local_layer, h, w, params=(1,), bindings={1: 1})
-        local.append(simulate_sequence([layer] * depth, BIG))
+        local.append(simulate_sequence(layers(layer, depth), BIG))
     arenas = [r.arena_bytes for r in joint]
     assert arenas == sorted(set(arenas))  # strictly growing: saved activations pile up
     assert len({r.arena_bytes for r in local}) == 1  # one layer at a time: flat
@@ -103,7 +121,7 @@ def test_conv_backprop_grows_with_depth_local_stays_flat() -> None:
         s = joint_schedule(fn, *args, params=params, bindings=bindings)
         joint.append(simulate(s, BIG))
         layer = joint_schedule(local_conv_layer, args[0], args[1], params=(1,), bindings={1: 1})
-        local.append(simulate_sequence([layer] * depth, BIG))
+        local.append(simulate_sequence(layers(layer, depth), BIG))
     arenas = [r.arena_bytes for r in joint]
     assert arenas == sorted(set(arenas))
     assert len({r.arena_bytes for r in local}) == 1
