@@ -1,7 +1,10 @@
 """Calibration: float parameters + a few batches -> a frozen `QuantPlan` and integer parameters.
 
-1. Encoder scales from Brevitas (`quant.layers`): input int8, weights int8 (max-based), layer
-   outputs uint8 (percentile statistics averaged over the batches), all powers of two.
+1. Encoder scales from Brevitas (`quant.layers`): input int8, weights int8 (max-based, then
+   `HEADROOM["weight"]` bits coarser: a max-based power-of-two scale puts the largest weight
+   at 64..127, and the first updates that push it outward would clip; one bit of room
+   takes the clip count of the test runs to zero or a few per million updates), layer outputs
+   uint8 (percentile statistics averaged over the batches), all powers of two.
 2. Static bounds: every int32 accumulator of the forward and of the hinge must hold its worst
    case (fan-in x max|a| x max|b| < 2^31), else EdgeError. (The Hebbian sums over the batch
    cannot be bounded that way; they saturate at the int32 limits instead.)
@@ -25,7 +28,7 @@ from torch import Tensor
 from edge.errors import EdgeError
 from edge.nets import NetSpec
 from quant.clapp_int import error_shift, family_layout, integer_form
-from quant.integer import int_layer_forward, layer_weights, make_noise, window_code
+from quant.integer import err_key, int_layer_forward, layer_weights, make_noise, window_code
 from quant.layers import build_quant_encoder, calibrate_encoder, encoder_exponents
 from quant.plan import (
     A_MAX,
@@ -43,7 +46,7 @@ from quant.plan import (
 )
 from quant.spec import INT8_ACT, pow2_exponent, quantize
 
-HEADROOM = {"weight": 0, "predictor": 2, "prediction": 1}
+HEADROOM = {"weight": 1, "predictor": 2, "prediction": 1}  # bits of room to grow into
 F_LIMIT = 24  # calibrated prediction exponents stay in [-24, 24]
 LR_MODES = ("normalized", "sgd")
 Views = list[tuple[Tensor, Tensor]]
@@ -207,7 +210,7 @@ def gradient_rms(
         for i, layer in enumerate(net.layers):
             w, b = layer_weights(plan, qparams, i)
             out = int_layer_forward(layer, plan.layers[i], w, b, x)
-            grads, _ = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[f"err.{i}"])
+            grads, _ = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[err_key(i)])
             for k, g in grads.items():
                 sums[k] = sums.get(k, 0.0) + float(g.double().pow(2).mean()) / len(views)
             x = out.y

@@ -146,7 +146,7 @@ class ClappFamilyInt:
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Integer gradients (int32 values, int64 dtype) of layer i's parameters and its loss
         (float, dequantized from the integer margins). `err_noise`: random bits (2N, D) for
-        the stochastic rounding of the error (`quant.integer.make_noise`, key `err.{i}`)."""
+        the stochastic rounding of the error (`quant.integer.make_noise`, key `err_key(i)`)."""
         lp, n = plan.layers[i], plan.batch
         z = window_code(out.y, lp.window)  # uint8
         z1, z2 = z[:n], z[n:]

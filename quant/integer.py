@@ -167,14 +167,20 @@ def apply_update(
     return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype]), clipped
 
 
+def err_key(i: int) -> str:
+    """The noise key of layer i's error at its code (`err.{i}.z`: named like a layer tensor,
+    so per-layer graphs pick it up with the layer's parameters)."""
+    return f"err.{i}.z"
+
+
 def noise_shapes(plan: QuantPlan, qparams: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
     """Shapes of the random bits one step consumes, in sorted key order: one per element of
-    every planned parameter (its update's stochastic rounding), and `err.{i}`, 2N x D_i, for
-    layer i's error at its code."""
+    every planned parameter (its update's stochastic rounding), and `err_key(i)`, 2N x D_i,
+    for layer i's error at its code."""
     shapes = {k: tuple(qparams[k].shape) for k in plan.params}
     for i, lp in enumerate(plan.layers):
         if lp.terms:
-            shapes[f"err.{i}"] = (2 * plan.batch, lp.code_dim)
+            shapes[err_key(i)] = (2 * plan.batch, lp.code_dim)
     return dict(sorted(shapes.items()))
 
 
@@ -201,6 +207,30 @@ def integer_forward(
     return outs
 
 
+def integer_layer_step(
+    net: NetSpec,
+    form,
+    plan: QuantPlan,
+    i: int,
+    qparams: dict[str, Tensor],
+    x: Tensor,
+    ctx: tuple[Tensor, Tensor] | None,
+    noise: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """Layer i of `integer_step`: forward of both views (x: 2N rows, view 1 then view 2), the
+    rule's integer gradients, the updates. `qparams` and `noise` need hold only layer i's
+    tensors. Returns (the uint8 output, the layer's new stores, its loss, clipped count)."""
+    layer = net.layers[i]
+    w, b = layer_weights(plan, qparams, i)
+    out = int_layer_forward(layer, plan.layers[i], w, b, x)
+    grads, loss = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[err_key(i)])
+    new, clipped = {}, torch.zeros((), dtype=torch.int64)
+    for name, g in grads.items():
+        new[name], c = apply_update(plan.params[name], qparams[name], g, noise[name])
+        clipped = clipped + c
+    return out.y, new, loss, clipped
+
+
 def integer_step(
     net: NetSpec,
     rule,
@@ -216,6 +246,8 @@ def integer_step(
     noise: `make_noise` output (keys and shapes: `noise_shapes`). The rule needs an integer
     form (`quant.clapp_int.integer_form`), else EdgeError. Metrics: loss (float, dequantized
     from the integer hinge), layer_loss, clipped (stored elements that hit their range).
+    The layers run one after the other (`integer_layer_step`); only the uint8 output of one
+    survives into the next.
     """
     from quant.clapp_int import integer_form
 
@@ -224,15 +256,10 @@ def integer_step(
     new = dict(qparams)
     x = torch.cat((x1, x2))
     losses, clipped = [], torch.zeros((), dtype=torch.int64)
-    for i, layer in enumerate(net.layers):
-        w, b = layer_weights(plan, qparams, i)
-        out = int_layer_forward(layer, plan.layers[i], w, b, x)
-        grads, loss = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[f"err.{i}"])
-        for name, g in grads.items():
-            new[name], c = apply_update(plan.params[name], qparams[name], g, noise[name])
-            clipped = clipped + c
+    for i in range(len(net.layers)):
+        x, updated, loss, c = integer_layer_step(net, form, plan, i, qparams, x, ctx, noise)
+        new.update(updated)
         losses.append(loss)
-        x = out.y
-        del out, grads  # this layer's working set dies here
+        clipped = clipped + c
     layer_loss = torch.stack(losses)
     return new, {"loss": layer_loss.sum(), "layer_loss": layer_loss, "clipped": clipped}

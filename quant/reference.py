@@ -206,7 +206,7 @@ def reference_step(
         lp = plan.layers[i]
         xin, y, idx, hw = layer(net, plan, q, i, x)
         gz, grads, loss = hinge(plan, q, i, code(y, lp.window), top)
-        e = np.clip(stochastic(gz, lp.e_shift, noise[f"err.{i}"]), -127, 127)
+        e = np.clip(stochastic(gz, lp.e_shift, noise[f"err.{i}.z"]), -127, 127)
         e = spread(e, y.shape, lp.window) * (y > 0)
         if spec.kind == "linear":
             gw, gb = e.T @ xin, e.sum(axis=0)

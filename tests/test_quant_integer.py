@@ -173,7 +173,7 @@ def test_integer_gradients_match_the_float_rule_on_the_quantized_forward():
     for i, layer in enumerate(net.layers):
         w, b = layer_weights(plan, qp, i)
         out = int_layer_forward(layer, plan.layers[i], w, b, q)
-        noise = make_noise(plan, qp, g)[f"err.{i}"]
+        noise = make_noise(plan, qp, g)[f"err.{i}.z"]
         grads, loss = form.layer_grads(i, layer, plan, out, qp, None, noise)
         o1 = layer_forward(layer, fq[f"enc.{i}.w"], fq[f"enc.{i}.b"], f1)
         o2 = layer_forward(layer, fq[f"enc.{i}.w"], fq[f"enc.{i}.b"], f2)
