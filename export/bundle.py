@@ -7,8 +7,9 @@
 A bundle directory holds
     train_step.onnx               the whole training step
     layers/layer_{i}.onnx         per-layer step graphs (with per_layer=True)
-    infer.onnx                    fp32 encoder, weights as inputs named like the step's params
-                                  (fp32 bundles only)
+    infer.onnx                    the encoder, weights as inputs named like the step's params:
+                                  fp32, or in integer mode the integer network (int8 x in,
+                                  uint8 codes out, integer ops only)
     state.npz                     initial values of every bound input (params/*, state/*)
     train_with_onnxruntime.py     standalone trainer: numpy + onnxruntime + the manifest
     manifest.json                 inputs, outputs, bindings, shapes, dtypes, rule, quant,
@@ -31,7 +32,7 @@ from torch import Tensor
 from edge.errors import EdgeError
 from edge.nets import NetSpec
 from edge.optim import OptimConfig
-from export.inference import encoder_graph
+from export.inference import encoder_graph, integer_encoder_graph
 from export.layers import layer_step_graphs
 from export.manifest import PARAMS, STATE, GraphIO, Manifest
 from export.program import StepProgram
@@ -106,20 +107,23 @@ def write_bundle(
     if per_layer:
         layer_models, layer_ios = layer_step_graphs(net, rule, opt, params, state, batch_size,
                                                     program=program)
-    infer, infer_io = None, None
-    if manifest.quant is None:  # integer mode's inference is its own (quant/), not fp32's
+    if manifest.quant is None:
         infer, infer_io = encoder_graph(net, params, outputs="all", weights="inputs")
+    else:  # integer mode: its own network, on the integer stores the step trains
+        from quant.plan import QuantPlan
+
+        plan = QuantPlan.from_dict(manifest.quant["plan"])
+        infer, infer_io = integer_encoder_graph(net, plan, params, outputs="all")
     _prepare_dir(out)
     onnx.save(model, out / manifest.step.file)
     for m, io in zip(layer_models, layer_ios, strict=True):
         (out / io.file).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(m, out / io.file)
-    if infer is not None and infer_io is not None:
-        onnx.save(infer, out / infer_io.file)
+    onnx.save(infer, out / infer_io.file)
     write_state(out / STATE_FILE, manifest.step, params, state)
     shutil.copyfile(_SCRIPT_SOURCE, out / SCRIPT)
     files = [manifest.step.file, *(io.file for io in layer_ios), STATE_FILE, SCRIPT]
-    files += [infer_io.file] if infer_io else []
+    files.append(infer_io.file)
     manifest = manifest.with_(
         layers=tuple(layer_ios), infer=infer_io, state_file=STATE_FILE,
         files={f: sha256(out / f) for f in files},
@@ -233,10 +237,16 @@ def load_state(out: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _quant_summary(quant: dict[str, Any] | None) -> str:
+    if not quant:
+        return "fp32"
+    return f"{quant.get('plan', {}).get('quant', '?')} {quant.get('mode', '?')}"
+
+
 def summary(manifest: Manifest) -> dict[str, Any]:
     return {
         "rule": manifest.rule, "net": manifest.net["name"], "batch_size": manifest.batch_size,
-        "quant": manifest.quant, "target": (manifest.target or {}).get("name"),
+        "quant": _quant_summary(manifest.quant), "target": (manifest.target or {}).get("name"),
         "graphs": [g.file for g in manifest.graphs()], "files": len(manifest.files),
         "bound_inputs": len(manifest.step.bound_inputs),
         "versions": manifest.versions,

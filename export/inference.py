@@ -2,6 +2,10 @@
 
     encoder_graph(net, params, outputs="all"|"last", weights="baked"|"inputs")
         -> (onnx.ModelProto, GraphIO)          fp32; input x (dynamic batch N), outputs y0.. or y
+    integer_encoder_graph(net, plan, qparams, outputs=..., weights=...)
+        -> (onnx.ModelProto, GraphIO)          integer mode's network: int8 x at the plan's
+                                               input exponent, uint8 codes y0.. at each layer's
+                                               f_y, integer ops only (quant.integer_forward)
     quant_encoder(net, params, calib)  -> nn.Module    quant.layers' Brevitas encoder, power-of-
                                                        two scales calibrated, then frozen
     qcdq_graph(qmodel, example, path)  -> onnx.ModelProto   QuantizeLinear/Clip/DequantizeLinear
@@ -63,6 +67,42 @@ def encoder_graph(
             w, b = layer_params(p, i)
             x = layer_forward(layer, w, b, x).y
             ys.append(x)
+        return dict(zip(names, ys, strict=False)) if outputs == "all" else {"y": ys[-1]}
+
+    dynamic = None
+    if batch_size is None:
+        dynamic = {"x": {0: "N"}, **{n: {0: "N"} for n in names}}
+    model = export_function(fn, inputs, names, dynamic_axes=dynamic)
+    io = GraphIO(INFER_FILE, value_specs(model.graph.input), value_specs(model.graph.output))
+    return model, io
+
+
+def integer_encoder_graph(
+    net: NetSpec,
+    plan: Any,
+    qparams: dict[str, Tensor],
+    outputs: str = "all",
+    weights: str = "inputs",
+    batch_size: int | None = None,
+) -> tuple[onnx.ModelProto, GraphIO]:
+    """The integer forward of `quant.integer.integer_forward` (ConvInteger / MatMulInteger,
+    floor shifts, Clip before Cast) as a graph: input `x` int8 at scale 2^-plan.f_in, outputs
+    uint8 at 2^-f_y of each layer. `weights="inputs"` takes the integer stores as
+    `params/enc.{i}.*` inputs, like the integer training graph. `batch_size=None`: dynamic N."""
+    from quant.integer import integer_forward
+
+    if weights not in WEIGHTS:
+        raise EdgeError(f"unknown weights mode {weights!r}; valid: {', '.join(WEIGHTS)}")
+    names = output_names(net, outputs)
+    enc = {k: v.detach() for k, v in qparams.items() if k.startswith("enc.")}
+    inputs: dict[str, Tensor] = {"x": torch.zeros((batch_size or 2, *net.in_shape),
+                                                  dtype=torch.int8)}
+    if weights == "inputs":
+        inputs.update({PARAMS + k: v for k, v in enc.items()})
+
+    def fn(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        p = {k: t[PARAMS + k] for k in enc} if weights == "inputs" else enc
+        ys = integer_forward(net, plan, p, t["x"])
         return dict(zip(names, ys, strict=False)) if outputs == "all" else {"y": ys[-1]}
 
     dynamic = None

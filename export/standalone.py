@@ -6,7 +6,11 @@ Copied into every bundle as `train_with_onnxruntime.py`. Usage:
         [--bundle DIR] [--out trained_state.npz] [--threads 2] [--seed 0]
 
 `views.npy` holds K pairs of views, shape (K, 2, batch, C, H, W), in the dtype the manifest
-gives for x1 / x2; step s trains on pair s mod K. Each step feeds the bound inputs (initially
+gives for x1 / x2, or for an integer bundle (int8 views) float32 normalised images, which are
+quantized here exactly like edge does (x * 2^f_in, rounded half to even, clipped to int8);
+step s trains on pair s mod K. Random bits for stochastic rounding are drawn from
+numpy's default_rng(--seed), in sorted input-name order, so the whole-step graph and the
+per-layer chain draw the same bits. Each step feeds the bound inputs (initially
 from the bundle's state.npz), runs the whole-step graph (or the per-layer graphs in a chain,
 layer i's y1, y2 becoming layer i+1's x1, x2), then moves every output to the input it is
 bound to. Prints one JSON line per step and writes the final bound inputs as an npz.
@@ -37,7 +41,16 @@ def draw_noise(manifest: dict, graphs: list, rng: np.random.Generator) -> dict:
         return {}
     low, high = manifest["noise"]["low"], manifest["noise"]["high"]
     specs = {t["name"]: t for g in graphs for t in g["inputs"] if t["name"].startswith("noise/")}
-    return {n: rng.integers(low, high, t["shape"], dtype=t["dtype"]) for n, t in specs.items()}
+    return {n: rng.integers(low, high, specs[n]["shape"], dtype=specs[n]["dtype"])
+            for n in sorted(specs)}
+
+
+def quantize_views(batches: np.ndarray, manifest: dict) -> np.ndarray:
+    """Float views -> int8 at the integer plan's input scale 2^-f_in (round half to even,
+    clip, then cast), the rule of edge's quantize_input."""
+    f_in = manifest["quant"]["plan"]["layers"][0]["f_x"]
+    q = np.round(batches.astype(np.float64) * 2.0 ** f_in)
+    return np.clip(q, -128, 127).astype(np.int8)
 
 
 def run_graph(sess: ort.InferenceSession, graph: dict, feeds: dict) -> dict:
@@ -84,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     x_spec = next(t for t in manifest["step"]["inputs"] if t["name"] == "x1")
     batches = np.load(args.batches, allow_pickle=False)
+    if x_spec["dtype"] == "int8" and batches.dtype.kind == "f" and manifest.get("quant"):
+        batches = quantize_views(batches, manifest)
     want = (2, *x_spec["shape"])
     if batches.shape[1:] != want or str(batches.dtype) != x_spec["dtype"]:
         print(f"error: {args.batches} is {batches.dtype}{list(batches.shape)}, want "

@@ -249,7 +249,6 @@ def test_untouched_params_pass_through(tiny):
     assert torch.equal(p["head.w"], params["head.w"])
 
 
-
 def _integer_case(net, rule, views):
     qc = pytest.importorskip("quant.calibrate")
     from export.integer import integer_program
@@ -276,7 +275,8 @@ def test_integer_program_is_bit_exact_in_onnxruntime(tiny):
     state = integer_state()
     model, manifest = training_step(net, rule, opt, q, state, 4, program=program)
     assert nonstandard_ops(model) == [] and manifest.noise == {"low": 0, "high": 1 << 16}
-    assert manifest.step.input("x1").dtype == "int8" and manifest.quant["mode"] == plan.quant
+    assert manifest.step.input("x1").dtype == "int8" and manifest.quant["mode"] == "integer"
+    assert manifest.quant["plan"]["quant"] == plan.quant
     runner = Runner(model)
     for x1, x2 in views:
         x1q, x2q = (qc.quantize_input(x, plan.f_in) for x in (x1, x2))
@@ -288,13 +288,117 @@ def test_integer_program_is_bit_exact_in_onnxruntime(tiny):
             np.testing.assert_array_equal(outs[NEW_PARAMS + k], v.numpy())
 
 
-def test_integer_program_with_convs(setup):
-    """Conv nets: exports once quant.intops' integer conv does (xfail names the blocker)."""
+INTEGER_OPS = {  # standard integer ops; the only float arithmetic is the loss metric's
+    "Abs", "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "ConvInteger", "Div", "Equal",
+    "Expand", "Flatten", "Greater", "Less", "MatMulInteger", "Max", "Mod", "Mul", "Neg", "Or",
+    "Pad", "ReduceSum", "Reshape", "Slice", "Sub", "Transpose", "Unsqueeze", "Where",
+}
+_NARROW = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,
+           onnx.TensorProto.INT32: 32, onnx.TensorProto.INT64: 64}
+
+
+def assert_integer_graph(model: onnx.ModelProto) -> None:
+    """ConvInteger / MatMulInteger products, no float Conv or MatMul, every narrowing integer
+    Cast fed by a Clip, every integer Div an exact one (of x - Mod(x, d))."""
+    ops = op_counts(model)
+    assert {"ConvInteger", "MatMulInteger"} <= set(ops) and set(ops) <= INTEGER_OPS, ops
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    made = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        src = made.get(node.input[0]) if node.input else None
+        if node.op_type == "Cast":
+            to, frm = node.attribute[0].i, types.get(node.input[0])
+            if to in _NARROW and frm in _NARROW and _NARROW[to] < _NARROW[frm]:
+                assert src is not None and src.op_type == "Clip", node.name
+        if node.op_type == "Div" and types.get(node.input[0]) in _NARROW:
+            assert src.op_type == "Sub" and made[src.input[1]].op_type == "Mod", node.name
+
+
+@pytest.fixture(scope="module")
+def conv_integer(setup):
+    """The digits conv net (x0.25) in int8-w16 integer mode: plan, stores, whole-step graph."""
     from export.integer import integer_state
 
     net, _, opt, _, _, views = setup
-    _, _, q, program, rule = _integer_case(net, ClappPP(), views[:1])
-    try:
-        training_step(net, rule, opt, q, integer_state(), BATCH, program=program)
-    except EdgeError as e:
-        pytest.xfail(f"integer conv step does not export yet: {str(e)[:160]}")
+    qc, plan, q, program, rule = _integer_case(net, ClappPP(), views[:2])
+    model, manifest = training_step(net, rule, opt, q, integer_state(), BATCH, program=program)
+    return qc, plan, q, program, rule, model, manifest
+
+
+def _integer_feeds(qc, plan, q, gen, x1, x2):
+    from export.manifest import NOISE
+    from quant.integer import make_noise
+
+    x1q, x2q = (qc.quantize_input(x, plan.f_in) for x in (x1, x2))
+    noise = make_noise(plan, q, gen)
+    feeds = {"x1": x1q.numpy(), "x2": x2q.numpy()}
+    feeds.update({NOISE + k: v.numpy() for k, v in noise.items()})
+    return x1q, x2q, noise, feeds
+
+
+def test_integer_conv_step_is_bit_identical_in_onnxruntime_for_20_steps(setup, conv_integer):
+    """Conv net, 20 steps: onnxruntime's integer graph and the torch integer step end with
+    the same integer stores (weights_digest equal), the same losses and clip counts."""
+    from edge.checkpoint import weights_digest
+    from export.integer import integer_state
+    from quant.integer import integer_step
+
+    net, *_, views = setup
+    qc, plan, q, _, rule, model, manifest = conv_integer
+    assert_integer_graph(model)
+    runner = Runner(model)
+    carried = {PARAMS + k: v.numpy() for k, v in q.items()}
+    carried[STATE + "step"] = integer_state()["step"].numpy()
+    gen = torch.Generator().manual_seed(5)
+    for x1, x2 in views:
+        x1q, x2q, noise, feeds = _integer_feeds(qc, plan, q, gen, x1, x2)
+        outs = runner.run({**carried, **feeds})
+        apply_bindings(carried, outs, manifest.step)
+        q, m = integer_step(net, rule, plan, q, x1q, x2q, noise)
+        np.testing.assert_array_equal(outs["layer_loss"], m["layer_loss"].numpy())
+        assert int(outs["clipped"]) == int(m["clipped"])
+    onnx_stores = {k: torch.from_numpy(carried[PARAMS + k]) for k in q}
+    assert weights_digest(onnx_stores) == weights_digest(q)
+    assert float(carried[STATE + "step"]) == STEPS
+
+
+def test_integer_per_layer_chain_is_bit_identical_to_the_whole_step(setup, conv_integer):
+    """One integer graph per layer, chained (uint8 y -> next x): the same stores as the
+    whole-step graph, bit for bit, and integer ops only."""
+    from export.integer import integer_state
+
+    net, _, opt, *_ = setup
+    qc, plan, q, program, rule, model, manifest = conv_integer
+    models, ios = layer_step_graphs(net, rule, opt, q, integer_state(), BATCH, program=program)
+    assert [io.input("x1").dtype for io in ios] == ["int8", "uint8", "uint8"]
+    assert {o for io in ios for o, _ in io.bindings} == {o for o, _ in manifest.bindings}
+    for m in models:
+        assert nonstandard_ops(m) == [] and "ConvInteger" in op_counts(m)
+    whole, layers = Runner(model), [Runner(m) for m in models]
+    a = {PARAMS + k: v.numpy() for k, v in q.items()}
+    a[STATE + "step"] = integer_state()["step"].numpy()
+    b = dict(a)
+    gen = torch.Generator().manual_seed(6)
+    for x1, x2 in setup[5][:4]:
+        *_, feeds = _integer_feeds(qc, plan, q, gen, x1, x2)
+        outs = whole.run({**a, **feeds})
+        apply_bindings(a, outs, manifest.step)
+        noise = {k: v for k, v in feeds.items() if k.startswith("noise/")}
+        b, layer_loss = run_layer_chain(layers, ios, b, feeds["x1"], feeds["x2"], noise)
+        np.testing.assert_array_equal(layer_loss, outs["layer_loss"])
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def test_integer_per_layer_graphs_need_a_layer_local_context(setup):
+    """clapp++dfb scores against the top layer's code: no per-layer integer graphs."""
+    from export.integer import integer_state
+
+    net, _, opt, _, _, views = setup
+    _, _, q, program, rule = _integer_case(net, rules.get("clapp++dfb"), views[:1])
+    assert program.layer is None
+    with pytest.raises(EdgeError, match="whole-network context"):
+        layer_step_graphs(net, rule, opt, q, integer_state(), BATCH, program=program)

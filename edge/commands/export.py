@@ -2,6 +2,8 @@
 
     edge export --rule clapp++ --data digits --width 0.25 --batch-size 16 --per-layer -o DIR
     edge export --check DIR [--json]
+    edge export ... --quant int8-w16 --mode integer   the integer step (scales calibrated on 4
+                                            batches of --data), integer infer.onnx
     edge export ... --profile npu           graphs in the npu operator profile (export.profile)
     edge export ... --compile iree          + IREE: host module, parity check, static library
                                             for the target's cpu, code size vs flash
@@ -65,6 +67,11 @@ def export_cmd(
     = "plain",
     compile_with: Annotated[str | None, typer.Option(
         "--compile", help="Compile the step: iree (host + the target's cpu).")] = None,
+    quant: Annotated[str, typer.Option(help="Weights: fp32 | int8 | int8-w16.")] = "fp32",
+    mode: Annotated[str, typer.Option(help="With --quant int8*: integer (qat does not "
+                                      "export: its step is fp32).")] = "integer",
+    data_dir: Annotated[str | None, typer.Option(
+        help="Data root for calibrating --quant int8* (else $EDGE_DATA).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export a local rule's training step as ONNX (a bundle a device trains with), or check one."""
@@ -97,14 +104,24 @@ def export_cmd(
         tgt = targets.load(target)
     cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed, net=net, width=width,
-                      rule_hparams=parse_hparams(hp))
+                      rule_hparams=parse_hparams(hp), quant=quant, mode=mode)
+    if quant != "fp32" and mode != "integer":
+        raise EdgeError(f"--mode {mode} trains fp32 latent weights with an fp32 step; export "
+                        "--mode integer, or --quant fp32 for the float step")
     spec, learning_rule = build(cfg, IN_SHAPES[data])
     opt = cfg.optim()
     params = initial_params(cfg, spec, learning_rule)
-    state = opt.init_state(params)
+    state, program = opt.init_state(params), None
+    if quant != "fp32":
+        from edge.data import default_views, load
+        from edge.train import calibration
+        from export.integer import integer_start
+
+        calib = calibration(cfg, load(data, data_dir), default_views(data))
+        program, params, state = integer_start(spec, learning_rule, opt, params, calib, quant)
     assert out is not None
     manifest = write_bundle(out, spec, learning_rule, opt, params, state, batch_size,
-                            target=tgt, per_layer=per_layer)
+                            target=tgt, per_layer=per_layer, program=program)
     profile_bundle(out, profile)
     result = {"bundle": str(out), **summary(manifest), "profile": profile,
               "warnings": _target_warnings(tgt, manifest.quant)}
