@@ -204,3 +204,105 @@ def test_export_command_errors_are_edge_errors(tmp_path):
     assert isinstance(res.exception, EdgeError) and "global backprop" in str(res.exception)
     res = runner.invoke(_cli(), ["export", "-o", str(tmp_path / "x"), "--target", "nope"])
     assert isinstance(res.exception, EdgeError) and "unknown target" in str(res.exception)
+
+
+# ------------------------------------------------------------------ integer-mode bundles
+
+INT_ARGS = ["--quant", "int8-w16", "--mode", "integer", "--data", "digits", "--width", "0.25",
+            "--batch-size", str(BATCH)]
+
+
+@pytest.fixture(scope="module")
+def int_bundle(tmp_path_factory):
+    """`edge export --quant int8-w16 --mode integer --per-layer` of the digits conv net."""
+    out = tmp_path_factory.mktemp("int_bundle")
+    res = CliRunner().invoke(_cli(), ["export", "-o", str(out), *INT_ARGS, "--per-layer",
+                                      "--json"])
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.output)
+
+
+def test_integer_bundle_checks_and_holds_integer_graphs(int_bundle):
+    out, written = int_bundle
+    assert written["quant"] == "int8-w16 integer"
+    res = CliRunner().invoke(_cli(), ["export", "--check", str(out), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["ok"] is True, res.output
+    manifest = check_bundle(out)
+    assert manifest.quant["mode"] == "integer" and manifest.noise == {"low": 0, "high": 65536}
+    assert manifest.step.input("x1").dtype == "int8" and len(manifest.layers) == 3
+    state = load_state(out)
+    assert state["params/enc.1.w"].dtype == np.int16 and state["params/enc.1.b"].dtype == np.int32
+    # infer.onnx: the integer network on the stores the step trains
+    assert manifest.infer.input("x").dtype == "int8"
+    assert {t.name for t in manifest.infer.inputs} - {"x"} == {
+        n for n in manifest.step.bound_inputs if n.startswith("params/enc.")}
+    assert {t.dtype for t in manifest.infer.outputs} == {"uint8"}
+
+
+def _script_noise(out: Path, manifest: dict, graphs: list, rng) -> dict:
+    """The standalone script's own noise draw (the script imports neither torch nor edge)."""
+    import runpy
+
+    script = runpy.run_path(str(out / SCRIPT), run_name="bundle_script")
+    return script["draw_noise"](manifest, graphs, rng)
+
+
+def test_standalone_script_trains_an_integer_bundle_bit_identically(int_bundle, tmp_path):
+    """Float views in, quantized by the script; whole step and per-layer chain end with the
+    same stores as the torch integer step fed the script's random bits (digest equal)."""
+    from edge import checkpoint, rules
+    from edge.nets import NetSpec
+    from quant.calibrate import quantize_input
+    from quant.integer import integer_forward, integer_step
+    from quant.plan import QuantPlan
+
+    out, _ = int_bundle
+    d = json.loads((out / MANIFEST).read_text())
+    net, plan = NetSpec.from_dict(d["net"]), QuantPlan.from_dict(d["quant"]["plan"])
+    rule = rules.get(d["rule"], **d["hparams"])
+    rule.check(net)
+    gen = torch.Generator().manual_seed(5)
+    views = torch.randn(3, 2, BATCH, 1, 8, 8, generator=gen)
+    np.save(tmp_path / "views.npy", views.numpy())
+    steps = 4
+    runs = {}
+    for mode in ("whole", "per-layer"):
+        lines = _run_script(out, tmp_path / "views.npy", steps, tmp_path / f"{mode}.npz",
+                            *(["--per-layer"] if mode == "per-layer" else []))
+        with np.load(tmp_path / f"{mode}.npz") as z:
+            runs[mode] = ({k: z[k] for k in z.files}, lines)
+    q = {k[len(PARAMS):]: torch.from_numpy(v) for k, v in load_state(out).items()
+         if k.startswith(PARAMS)}
+    rng = np.random.default_rng(0)
+    for s in range(steps):
+        x1, x2 = (quantize_input(v, plan.f_in) for v in views[s % 3])
+        bits = _script_noise(out, d, [d["step"]], rng)
+        noise = {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in bits.items()}
+        q, m = integer_step(net, rule, plan, q, x1, x2, noise)
+        for mode in runs:
+            assert runs[mode][1][s]["layer_loss"] == m["layer_loss"].tolist(), (mode, s)
+    for mode, (trained, _) in runs.items():
+        stores = {k: torch.from_numpy(trained[PARAMS + k]) for k in q}
+        assert checkpoint.weights_digest(stores) == checkpoint.weights_digest(q), mode
+        assert float(trained[STATE + "step"]) == steps
+    # the bundle's infer.onnx on the trained stores is the torch integer forward
+    from export.runner import Runner
+
+    x = quantize_input(views[0, 0], plan.f_in)
+    outs = Runner(out / "infer.onnx").run(
+        {"x": x.numpy(), **{PARAMS + k: v.numpy() for k, v in q.items() if k.startswith("enc.")}})
+    for i, y in enumerate(integer_forward(net, plan, q, x)):
+        np.testing.assert_array_equal(outs[f"y{i}"], y.numpy())
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--quant", "int8", "--mode", "qat"], "--mode qat trains fp32 latent weights"),
+    (["--quant", "int4"], "unknown --quant 'int4'"),
+    (["--quant", "int8-w16", "--mode", "float"], "unknown --mode 'float'"),
+    (["--quant", "int8-w16", "--rule", "ff"], "rule 'ff' has no integer form"),
+])
+def test_integer_export_bad_input_is_one_line_edge_error(tmp_path, args, why):
+    res = CliRunner().invoke(_cli(), ["export", "-o", str(tmp_path / "x"), "--width", "0.25",
+                                      "--batch-size", "4", *args])
+    assert isinstance(res.exception, EdgeError), res.output
+    assert why in str(res.exception) and "\n" not in str(res.exception)

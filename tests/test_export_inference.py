@@ -88,3 +88,33 @@ def test_qonnx_matches_brevitas(images, qmodel, tmp_path):
         want = [t.numpy() for t in qmodel(x)]
     for got, w in zip(run_qonnx(model, x.numpy()), want, strict=True):
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["baked", "inputs"])
+def test_integer_encoder_is_bit_exact_at_any_batch(weights):
+    """Integer mode's infer.onnx: int8 x in, uint8 codes out, integer ops only, equal to
+    quant.integer.integer_forward bit for bit (odd map sizes: pooling crops)."""
+    from edge.rules import get
+    from export.inference import integer_encoder_graph
+    from quant.calibrate import make_plan, quantize_input
+    from quant.integer import integer_forward
+
+    net = preset("mnist", (1, 14, 14), width=0.25)
+    rule = get("clapp++")
+    rule.check(net)
+    gen = torch.Generator().manual_seed(0)
+    params = init_params(net, gen)
+    params.update(rule.init(net, gen))
+    views = [tuple(torch.randn(6, 1, 14, 14, generator=gen) for _ in range(2))]
+    plan, q = make_plan(net, rule, params, views, "int8-w16")
+    model, io = integer_encoder_graph(net, plan, q, outputs="all", weights=weights)
+    assert nonstandard_ops(model) == []
+    assert "ConvInteger" in op_counts(model) and "Conv" not in op_counts(model)
+    assert io.inputs[0].dtype == "int8" and {t.dtype for t in io.outputs} == {"uint8"}
+    runner = Runner(model)
+    stores = {f"params/{k}": v.numpy() for k, v in q.items() if k.startswith("enc.")}
+    for n in (1, 7):
+        x = quantize_input(3 * torch.randn(n, 1, 14, 14, generator=gen), plan.f_in)
+        outs = runner.run({"x": x.numpy(), **(stores if weights == "inputs" else {})})
+        for i, y in enumerate(integer_forward(net, plan, q, x)):
+            np.testing.assert_array_equal(outs[f"y{i}"], y.numpy())

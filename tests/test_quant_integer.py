@@ -153,6 +153,23 @@ def test_forward_overflow_is_an_edge_error():
     }
     with pytest.raises(EdgeError, match="layer 0 forward"):
         make_plan(net, get("clapp++"), params, [(torch.randn(2, 2, 300, 300),) * 2])
+    # a conv layer: 9 x 7400 uint8 inputs of layer 1 (the check runs before any forward)
+    net = NetSpec("wide-conv", (1, 2, 2), (LayerSpec("conv", 1, 7400), LayerSpec("conv", 7400, 2)))
+    with pytest.raises(EdgeError, match="layer 1 forward: 66600 inputs") as e:
+        make_plan(net, get("clapp++"), {}, [(torch.randn(2, 1, 2, 2),) * 2])
+    assert "\n" not in str(e.value)
+    # the hinge: a code of 70000 values scored through a low-rank predictor
+    net = NetSpec("wide-code", (1, 2, 2), (LayerSpec("linear", 4, 70_000),))
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "enc.0.w": torch.randn(70_000, 4, generator=g),
+        "enc.0.b": torch.zeros(70_000),
+        "rule.0.U": torch.randn(70_000, 4, generator=g),
+        "rule.0.V": torch.randn(70_000, 4),
+    }
+    with pytest.raises(EdgeError, match="rule.0.U products: 70000 inputs .* overflows") as e:
+        make_plan(net, get("clapp++", rank=4), params, [(torch.randn(2, 1, 2, 2),) * 2])
+    assert "\n" not in str(e.value)
 
 
 def test_integer_gradients_match_the_float_rule_on_the_quantized_forward():
