@@ -241,10 +241,11 @@ def list_rules(
         _emit({"rules": rows})
         return
     t = Table(title="learning rules")
-    for col in ("name", "local", "description", "one layer's update holds"):
+    for col in ("name", "local", "description", "one layer's update holds", "default lr"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], "yes" if r["local"] else "no (global)", r["description"], r["memory"])
+        t.add_row(r["name"], "yes" if r["local"] else "no (global)", r["description"], r["memory"],
+                  f"{r['default_lr']:g}")
     out_console.print(t)
 
 

@@ -34,7 +34,6 @@ from edge.step import train_step
 
 QUANTS = ("fp32", "int8", "int8-w16")
 MODES = ("qat", "integer")
-DEFAULT_LR = {"bp-infonce": 1e-3, "bp-clapp++": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class TrainConfig:
             raise EdgeError(f"--device {self.device}: no CUDA device here; use --device cpu")
 
     def optim(self) -> OptimConfig:
-        lr = self.lr if self.lr is not None else DEFAULT_LR.get(self.rule, 1e-3)
+        lr = self.lr if self.lr is not None else rules.default_lr(self.rule)
         return OptimConfig(self.optimizer, lr=lr, weight_decay=self.weight_decay)
 
     def to_dict(self) -> dict[str, Any]:

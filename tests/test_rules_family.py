@@ -24,7 +24,8 @@ def views(seed: int = 0, n: int = 8, shape=(1, 8, 8)):
 def test_registry_lists_every_rule_with_a_description() -> None:
     assert rules.names() == ALL
     for d in rules.describe():
-        assert set(d) == {"name", "description", "local", "memory"}
+        assert set(d) == {"name", "description", "local", "memory", "default_lr"}
+        assert 0 < d["default_lr"] < 1e-2
         assert d["description"] and d["memory"] and "\n" not in d["description"]
         assert d["local"] == (not d["name"].startswith("bp-"))
 

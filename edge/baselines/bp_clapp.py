@@ -18,6 +18,7 @@ class BPClappPP:
     description = "Global backprop of the CLAPP++ hinge placed on the last layer only"
     memory = "every layer's activations of both views until the backward pass"
     is_local = False
+    default_lr = 1e-4  # AdamW
 
     def __init__(self, **clapp_hparams):
         self.top = ClappPP(**clapp_hparams)

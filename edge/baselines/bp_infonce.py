@@ -34,6 +34,7 @@ class BPInfoNCE:
     description = "Global backprop SimCLR: InfoNCE (cosine, T=0.1) on a projection head"
     memory = "every layer's activations of both views until the backward pass, plus the head"
     is_local = False
+    default_lr = 1e-3  # AdamW; the SimCLR-style default
 
     def __init__(self, temperature: float = 0.1, proj_dim: int = 128, hidden: int = 512):
         self.temperature, self.proj_dim, self.hidden = temperature, proj_dim, hidden

@@ -38,8 +38,17 @@ def get(name: str, **hparams: Any):
         raise EdgeError(f"bad hyper-parameters for rule {name!r}: {e}") from None
 
 
+def default_lr(name: str) -> float:
+    """The rule's default AdamW learning rate (a class attribute of every rule)."""
+    classes = _classes()
+    if name not in classes:
+        raise EdgeError(f"unknown rule {name!r}; valid: {', '.join(classes)}")
+    return classes[name].default_lr
+
+
 def describe() -> list[dict[str, Any]]:
     return [
-        {"name": c.name, "description": c.description, "local": c.is_local, "memory": c.memory}
+        {"name": c.name, "description": c.description, "local": c.is_local, "memory": c.memory,
+         "default_lr": c.default_lr}
         for c in _classes().values()
     ]

@@ -25,6 +25,10 @@ class LocalRule:
     description: ClassVar[str]
     memory: ClassVar[str]  # what one layer's update must hold
     is_local: ClassVar[bool] = True
+    # AdamW. At 1e-3 the hinge rules collapse the deeper layers within an epoch (Adam moves
+    # every weight by ~lr per step, and the upper layers' weights are only ~0.06: most units
+    # die); 3e-4 learns without collapse (MNIST, see benchmarks/mnist_rules.py).
+    default_lr: ClassVar[float] = 3e-4
 
     def check(self, net: NetSpec) -> None:
         """Raise EdgeError if the rule cannot apply to `net`."""

@@ -57,6 +57,9 @@ class ForwardForward(LocalRule):
     name = "ff"
     description = "Forward-Forward (unsupervised): high goodness for real views, low for hybrids"
     memory = "layer input and output of both views and of the negatives (3 streams); no predictor"
+    # AdamW. The goodness objective degrades the features the longer it trains (MNIST, one
+    # epoch of 10k images: 97.45 % at 3e-5 and batch 16, 96.90 % at 1e-4; random 97.41 %)
+    default_lr = 3e-5
 
     def __init__(
         self, threshold: float = 1.0, masks: int = 64, blur: int | None = None, seed: int = 0
