@@ -189,12 +189,29 @@ def layer_backward(layer: LayerSpec, out: LayerOut, gy: Tensor) -> tuple[Tensor,
 
     The ReLU mask (y > 0), then back through the max-pool (each gradient to its argmax),
     then the Hebbian post x pre product: e^T x for linear layers; for 3x3/stride-1/padding-1
-    convs the weight gradient is itself a convolution of the input by the error, with the
-    batch as the channel axis (the transposed-conv trick: no unfold buffer, no autograd).
+    convs the correlation of the input with the error. Eager, that correlation is torch's
+    conv weight-gradient kernel (`torch.nn.grad.conv2d_weight`, a plain op, no autograd
+    graph: the kernel backprop's baselines run); traced for ONNX, which has no such op, it is
+    itself a convolution of the input by the error with the batch as the channel axis (the
+    transposed-conv trick: no unfold buffer; `export.passes` turns it into GEMMs). Both are
+    the same sums, up to float rounding.
     """
     if layer.kind == "linear":
         g = gy * (out.y > 0).to(gy.dtype)
         return g.t() @ out.x, g.sum(0)
+    if torch.onnx.is_in_onnx_export():
+        return _conv_backward_traced(out, gy)
+    e = gy * (out.y > 0).to(gy.dtype)
+    if out.pool_idx is not None:
+        n, c, h, w = e.shape[0], e.shape[1], out.x.shape[2], out.x.shape[3]
+        full = torch.zeros(n, c, h * w, dtype=gy.dtype, device=gy.device)
+        e = full.scatter_(2, out.pool_idx.flatten(2), e.flatten(2)).view(n, c, h, w)
+    shape = (layer.out_features, layer.in_features, 3, 3)
+    gw = torch.nn.grad.conv2d_weight(out.x, shape, e, padding=1)
+    return gw, e.sum((0, 2, 3))
+
+
+def _conv_backward_traced(out: LayerOut, gy: Tensor) -> tuple[Tensor, Tensor]:
     # The error is built directly in (C, N, H, W) layout, the weight-gradient conv's weight
     # layout, so no full-size transposed copy of it is ever made.
     n, c = gy.shape[:2]

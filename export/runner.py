@@ -86,13 +86,20 @@ class Runner:
         device: str | None = None,
         threads: int = 2,
         options: dict[str, Any] | None = None,
+        speed_passes: bool = True,
     ):
+        """`speed_passes`: onnxruntime runs the graph after `export.passes.onnxruntime_speed`
+        (the same numbers, standard ops; False runs it exactly as given)."""
         if runtime not in RUNTIMES[1:]:
             raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
         if threads < 1:
             raise EdgeError(f"threads must be positive, got {threads}")
         self.runtime, self.threads = runtime, threads
         blob = _model_bytes(model)
+        if runtime == "onnxruntime" and speed_passes:
+            from export.passes import onnxruntime_speed
+
+            blob = onnxruntime_speed(onnx.load_model_from_string(blob)).SerializeToString()
         self.placement: Any = None  # where the nodes went, for accelerator runtimes
         if runtime == "onnxruntime":
             self._init_ort(blob, provider or "CPUExecutionProvider")
@@ -111,6 +118,10 @@ class Runner:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # Idle pool threads sleep instead of spinning (like OMP_WAIT_POLICY=PASSIVE for torch):
+        # a step's kernels run for milliseconds, and spinning threads steal the cores the next
+        # kernel needs on a shared or power-limited device (1.7x slower on 2 busy cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider"
                                   else [])
         self.device = provider
