@@ -205,7 +205,8 @@ class ClappFamilyInt:
                 au = _requant(M * int_matmul(Z, P["U"]), lp.f_y + f["U"] - lp.f_au)
                 grads[key + "U"] = saturate32(int_matmul(Z.t(), narrow(M * widen(T), torch.int8)))
                 grads[key + "V"] = saturate32(int_matmul(C.t(), au))
-        e = saturate(stochastic_shift(torch.cat(gz), lp.e_shift, err_noise), -W_MAX, W_MAX)
+        e = stochastic_shift(torch.cat(gz), lp.e_shift, err_noise)
+        e = saturate(e, -W_MAX, W_MAX).to(torch.int32)  # int8 values, carried back as int32
         e = window_spread(e, out.y.shape, lp.window)
         gw, gb = int_layer_backward(layer, out, e)
         grads = {f"enc.{i}.w": gw, f"enc.{i}.b": gb, **grads}

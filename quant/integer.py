@@ -58,37 +58,32 @@ class IntLayerOut:
 
 
 def layer_weights(plan: QuantPlan, qparams: dict[str, Tensor], i: int) -> tuple[Tensor, Tensor]:
-    """Layer i's forward weight (int8, the top bits of the store) and bias (int32 values, as
-    int64)."""
+    """Layer i's forward weight (int8, the top bits of the store) and bias (int32)."""
     w, b = f"enc.{i}.w", f"enc.{i}.b"
     w8 = narrow(forward_value(qparams[w], plan.params[w]), torch.int8)
-    return w8, forward_value(qparams[b], plan.params[b])
+    return w8, narrow(forward_value(qparams[b], plan.params[b]), torch.int32)
 
 
 def max_pool_first(acc: Tensor) -> tuple[Tensor, Tensor]:
     """2x2/stride-2 max-pool (floor crop) of (N, C, H, W) and which of the four won.
 
     Ties go to the first in (0,0), (0,1), (1,0), (1,1) order, written out explicitly so the
-    choice never depends on a library's scan order. In integer arithmetic, no comparisons:
-    eq_k = 1 - clamp(m - a_k, 0, 1) is 1 exactly where a_k is the maximum m.
+    choice never depends on a library's scan order: with n_k = [a_k is not the maximum],
+    sel = n_0 (1 + n_1 (1 + n_2)). Comparisons only (no differences that could overflow an
+    int32 accumulator).
     """
     hp, wp = dims(acc)[2] // 2, dims(acc)[3] // 2
     a = [acc[:, :, i : 2 * hp : 2, j : 2 * wp : 2] for i in (0, 1) for j in (0, 1)]
     m = torch.maximum(torch.maximum(a[0], a[1]), torch.maximum(a[2], a[3]))
-    eq = [1 - saturate(m - t, 0, 1) for t in a[:3]]
-    not0, not1 = 1 - eq[0], 1 - eq[1]
-    # sel = 1 [first max at 1] + 2 [at 2] + 3 [at 3]
-    first1 = eq[1] * not0
-    first2 = eq[2] * not0 * not1
-    first3 = not0 * not1 * (1 - eq[2])
-    return m, narrow(first1 + 2 * first2 + 3 * first3, torch.uint8)
+    n0, n1, n2 = ((t != m).to(torch.int32) for t in a[:3])
+    return m, narrow(n0 * (1 + n1 * (1 + n2)), torch.uint8)
 
 
 def unpool(g: Tensor, sel: Tensor, hw: tuple[int, int]) -> Tensor:
     """Adjoint of `max_pool_first`: each pooled value goes to its chosen position, zeros else."""
     n, c, hp, wp = dims(g)
-    s = widen(sel)
-    parts = [g * (s == k).to(g.dtype) for k in range(4)]  # (0,0), (0,1), (1,0), (1,1)
+    s = sel.to(torch.int32)
+    parts = [torch.where(s == k, g, 0) for k in range(4)]  # (0,0), (0,1), (1,0), (1,1)
     full = torch.stack(parts, -1).reshape(n, c, hp, wp, 2, 2).permute(0, 1, 2, 4, 3, 5)
     full = full.reshape(n, c, 2 * hp, 2 * wp)
     return F.pad(full, (0, hw[1] - 2 * wp, 0, hw[0] - 2 * hp))
@@ -98,7 +93,8 @@ def int_layer_forward(
     layer: LayerSpec, lp: LayerPlan, w: Tensor, b: Tensor, x: Tensor
 ) -> IntLayerOut:
     """acc = x * w + b (int32), max-pool on acc, y = clamp(round_shift(acc), 0, 255) as uint8.
-    x: int8 (the network input) or uint8, w: int8 (`layer_weights`), b: int64."""
+    x: int8 (the network input) or uint8, w: int8, b: int32 (`layer_weights`). The plan
+    bounds |x * w| + |b| below 2^31, so the accumulator never wraps."""
     sel, hw = None, None
     if layer.kind == "linear":
         x = x.flatten(1)
@@ -113,24 +109,25 @@ def int_layer_forward(
 
 
 def int_layer_backward(layer: LayerSpec, out: IntLayerOut, e: Tensor) -> tuple[Tensor, Tensor]:
-    """Integer dW, db (int32, saturating) from the int8-valued error `e` at the layer's output.
+    """Integer dW, db (int32, saturating) from the int8-valued error `e` at the layer's output
+    (any integer dtype; int32 in the step).
 
     Mask by y > 0 (the ReLU; exact at the max-pool's choice too), route through the max-pool,
     then the Hebbian product with the layer's own input, accumulated in int32.
     """
-    e = widen(e) * (out.y > 0).to(torch.int64)
+    e = torch.where(out.y > 0, e, 0)
     if layer.kind == "linear":
         gw = int_matmul(narrow(e, torch.int8).t(), out.x)
-        return saturate32(gw), saturate32(e.sum(0))
+        return saturate32(gw), saturate32(widen(e).sum(0))
     if out.sel is not None:
         e = unpool(e, out.sel, out.full_hw)
     gw = int_conv2d_weight(out.x, narrow(e, torch.int8))
-    return saturate32(gw), saturate32(e.sum((0, 2, 3)))
+    return saturate32(gw), saturate32(widen(e).sum((0, 2, 3)))
 
 
 def window_sum(y: Tensor, window: tuple[int, int]) -> Tensor:
-    """(N, C, H, W) -> (N, C*H'*W'): sums over non-overlapping kh x kw windows (floor crop);
-    (N, F) stays. Flattened in (C, H', W') order, as `edge.rules.base.avg_pool`."""
+    """(N, C, H, W) -> (N, C*H'*W'): sums over non-overlapping kh x kw windows (floor crop),
+    int64; (N, F) stays. Flattened in (C, H', W') order, as `edge.rules.base.avg_pool`."""
     if y.dim() == 2:
         return widen(y)
     kh, kw = window

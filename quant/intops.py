@@ -18,7 +18,8 @@ other and to the NumPy reference, bit for bit.
   explicit random bits, an unbiased rounding of x / 2^k.
 * `saturate(x, lo, hi)`: the clamp (ONNX Clip) that precedes every narrowing cast.
 * `int_matmul(a, b)`, `int_conv2d(x, w)`, `int_conv2d_weight(x, e)`: products of 8-bit
-  tensors (uint8 / int8), exact int64 results. ONNX: MatMulInteger / ConvInteger (int32
+  tensors (uint8 / int8), exact int64 results (the forward convolution: its int32
+  accumulator, bounded at plan time). ONNX: MatMulInteger / ConvInteger (int32
   accumulators), split into chunks whose int32 sums cannot overflow, the chunks added in
   int64. A uint8 x int8 matmul is emitted as int8 x int8 plus 128 x the other operand's
   sums: onnxruntime's u8s8 MatMulInteger saturates int16 pair sums on AVX2 CPUs.
@@ -105,16 +106,16 @@ def floor_shift(x: Tensor, k: int) -> Tensor:
 def div_round(x: Tensor, d: int) -> Tensor:
     """x / d rounded to the nearest integer, ties to even; d a positive Python int.
 
-    With q = floor(x / d), r = x - q d: the result is q + [r > d/2] + [r == d/2][q odd], and
-    floor((x + c) / d) gives exactly that for c = (d-1)/2 (d odd: no ties) or
-    c = d/2 - 1 + (q mod 2) (d even): r + c reaches d exactly when the rounding goes up.
+    With q = floor(x / d), r = x - q d in [0, d): the result is q + [r > d/2] + [r == d/2][q
+    odd] = q + floor((r + c) / d) for c = (d-1)/2 (d odd: no ties) or c = d/2 - 1 + (q mod 2)
+    (d even): r + c reaches d exactly when the rounding goes up. Nothing grows beyond |x|,
+    so the same arithmetic is exact in int32.
     """
     if d == 1:
         return x
-    if d % 2:
-        return floor_div(x + (d - 1) // 2, d)
-    odd = floor_mod(floor_div(x, d), 2)
-    return floor_div(x + (d // 2 - 1) + odd, d)
+    q, r = floor_div(x, d), floor_mod(x, d)
+    c = (d - 1) // 2 if d % 2 else d // 2 - 1 + floor_mod(q, 2)
+    return q + floor_div(r + c, d)
 
 
 def round_shift(x: Tensor, k: int) -> Tensor:
@@ -204,13 +205,18 @@ def _conv_eager(x: Tensor, w: Tensor) -> Tensor:
     """3x3 / padding-1 convolution, exact: float32 convolutions over groups of input channels
     small enough that 9 x channels x max|x| x max|w| < 2^24, added in float64."""
     if not _fast_f32(x):
-        return _to_int(F.conv2d(x.double(), w.double(), padding=1))
+        return _to_int(F.conv2d(x.double(), w.double(), padding=1)).to(torch.int32)
     cc = max(1, F32_EXACT // (9 * _max_abs(x) * _max_abs(w)))
-    out = None
-    for c in range(0, x.shape[1], cc):
-        part = F.conv2d(x[:, c : c + cc].float(), w[:, c : c + cc].float(), padding=1)
-        out = part.double() if out is None else out + part.double()
-    return _to_int(out)
+    parts = [
+        F.conv2d(x[:, c : c + cc].float(), w[:, c : c + cc].float(), padding=1)
+        for c in range(0, x.shape[1], cc)
+    ]
+    if len(parts) == 1:  # one group: its float32 result is exact as it stands
+        return parts[0].to(torch.int32)
+    out = parts[0].double()
+    for part in parts[1:]:
+        out += part
+    return _to_int(out).to(torch.int32)
 
 
 def _conv_weight_eager(x: Tensor, e: Tensor) -> Tensor:
@@ -230,9 +236,9 @@ def _conv_weight_eager(x: Tensor, e: Tensor) -> Tensor:
     kc = max(1, F32_EXACT // (_max_abs(x) * _max_abs(e)))
     chunks = -(-k // kc)
     em = torch.zeros((o, chunks * kc), dtype=torch.float32, device=x.device)
-    em[:, :k] = e.permute(1, 0, 2, 3).reshape(o, k)
+    em[:, :k].view(o, n, h, w).copy_(e.transpose(0, 1))  # converts while it copies
     em = em.reshape(o, chunks, kc).transpose(0, 1).contiguous()  # chunks, O, kc
-    xp = F.pad(x.float(), (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()  # N, H+2, W+2, C
+    xp = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()  # N, H+2, W+2, C, 8-bit
     xs = torch.zeros((chunks * kc, c), dtype=torch.float32, device=x.device)
     for i in range(3):
         for j in range(3):
@@ -266,7 +272,7 @@ def _(a: Tensor, b: Tensor) -> Tensor:
 
 @_conv3x3.register_fake
 def _(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), dtype=torch.int64)
+    return x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), dtype=torch.int32)
 
 
 @_conv3x3_weight.register_fake
@@ -299,7 +305,8 @@ def int_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def int_conv2d(x: Tensor, w: Tensor) -> Tensor:
     """3x3, stride 1, padding 1 convolution of 8-bit x (N, C, H, W) by int8 w (O, C, 3, 3):
-    int64 result, exact (ConvInteger; the plan bounds fan-in x max|x| x 127 below 2^31)."""
+    an int32 accumulator, exact while fan-in x max|x| x max|w| < 2^31 (the plan checks it;
+    ConvInteger's int32 output as it stands)."""
     _max_abs(x), _max_abs(w)
     return _conv3x3(x, w)
 
@@ -332,12 +339,15 @@ def _symbolics() -> None:
     def const(g, value, dtype=torch.int64):
         return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
+    def like(g, x, value):  # a constant of x's integer type (int32 or int64)
+        return const(g, value, torch.int32 if x.type().scalarType() == "Int" else torch.int64)
+
     def onnx_mod(g, x, d):
-        return g.op("Mod", x, const(g, d), fmod_i=0)  # integer Mod: the divisor's sign
+        return g.op("Mod", x, like(g, x, d), fmod_i=0)  # integer Mod: the divisor's sign
 
     @sh.parse_args("v", "i")
     def floor_div_sym(g, x, d):
-        return g.op("Div", g.op("Sub", x, onnx_mod(g, x, d)), const(g, d))
+        return g.op("Div", g.op("Sub", x, onnx_mod(g, x, d)), like(g, x, d))
 
     @sh.parse_args("v", "i")
     def floor_mod_sym(g, x, d):
@@ -381,7 +391,7 @@ def _symbolics() -> None:
         return to64(g, mm_chunk(g, a, b))
 
     def conv_sym(g, x, w):
-        return to64(g, g.op("ConvInteger", x, w, pads_i=[1, 1, 1, 1]))
+        return g.op("ConvInteger", x, w, pads_i=[1, 1, 1, 1])
 
     def conv_weight_sym(g, x, e):
         xt = g.op("Transpose", x, perm_i=[1, 0, 2, 3])

@@ -290,8 +290,8 @@ def test_integer_program_is_bit_exact_in_onnxruntime(tiny):
 
 INTEGER_OPS = {  # standard integer ops; the only float arithmetic is the loss metric's
     "Abs", "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "ConvInteger", "Div", "Equal",
-    "Expand", "Flatten", "Greater", "Less", "MatMulInteger", "Max", "Mod", "Mul", "Neg", "Or",
-    "Pad", "ReduceSum", "Reshape", "Slice", "Sub", "Transpose", "Unsqueeze", "Where",
+    "Expand", "Flatten", "Greater", "Less", "MatMulInteger", "Max", "Mod", "Mul", "Neg", "Not",
+    "Or", "Pad", "ReduceSum", "Reshape", "Slice", "Sub", "Transpose", "Unsqueeze", "Where",
 }
 _NARROW = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,
            onnx.TensorProto.INT32: 32, onnx.TensorProto.INT64: 64}
