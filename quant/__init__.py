@@ -2,7 +2,8 @@
 
 spec.py        QuantSpec, quantize / dequantize (round half to even), power-of-two scales
 intops.py      the integer primitives: floor/round/stochastic shifts, saturation, exact
-               int matmul and ConvInteger convolutions (what the exporter traces)
+               8-bit products; custom ops, exact chunked float32 in eager torch and
+               Mod/Div floors, MatMulInteger, ConvInteger in ONNX
 layers.py      Brevitas encoders (fixed-point quantizers, frozen scales, QCDQ export)
 plan.py        QuantPlan: every exponent, bit width, range and shift of a run
 calibrate.py   float params + a few batches -> plan + integer params

@@ -221,3 +221,27 @@ def test_noise_makes_steps_reproducible_and_matters():
         runs.append(integer_step(net, rule, plan, qp, q1, q2, noise)[0])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in qp)
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in qp)
+
+
+def test_forward_accumulator_at_the_int32_limit_is_exact():
+    """Weights at +-127, inputs at 255 and the bias at its planned limit (int8 mode: the
+    whole rest of the int32 range) put the accumulator at 2^31 - 1: pooling and
+    requantization stay exact (equal to the int64 reference), nothing wraps."""
+    from quant.reference import layer as ref_layer
+
+    net = vgg([4, 6], [2], (3, 8, 8))
+    plan, qp, g, _, _ = _setup(net, get("clapp++", predictor="full"), "int8")
+    for sign in (1, -1):
+        q = dict(qp)
+        pw, pb = plan.params["enc.1.w"], plan.params["enc.1.b"]
+        q["enc.1.w"] = torch.full_like(qp["enc.1.w"], pw.hi if sign > 0 else pw.lo)
+        q["enc.1.b"] = torch.full_like(qp["enc.1.b"], pb.hi if sign > 0 else pb.lo)
+        x = torch.full((2, 4, 8, 8), 255, dtype=torch.uint8)
+        w, b = layer_weights(plan, q, 1)
+        acc = int_layer_forward(net.layers[1], plan.layers[1], w, b, x)
+        _, y, idx, _ = ref_layer(
+            net, plan, {k: v.numpy() for k, v in q.items()}, 1, x.numpy().astype(np.int64)
+        )
+        assert np.array_equal(acc.y.numpy(), y) and np.array_equal(acc.sel.numpy(), idx)
+        centre = w.double().abs().sum((1, 2, 3)) * 255 + b.double().abs()  # |acc| inside
+        assert float(centre.max()) == 2**31 - 1
