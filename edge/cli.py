@@ -132,6 +132,8 @@ def train(
 
         if runtime != "torch":
             raise EdgeError(f"--runtime {runtime} runs fp32 steps; quantized steps run in torch")
+        if device != "cpu":
+            raise EdgeError(f"--quant {quant} steps run on the CPU; drop --device {device}")
         engine = QuantEngine(quant, mode)
     out = out or Path("runs") / f"{rule}-{data}"
     result = run(
