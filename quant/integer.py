@@ -1,9 +1,10 @@
 """The integer training step: `integer_step(net, rule, plan, qparams, x1, x2, noise)`.
 
-Integer tensors only (int8/uint8/int16/int32 stored, int64 working width), every shift and
-bit width from the `QuantPlan`, explicit random bits for the stochastic rounding of the
-update. Both views travel as one batch of 2N through each layer: the layer's forward, its
-rule's integer local loss (`quant.clapp_int`), the Hebbian products and the updates; only
+Integer tensors only (int8/uint8/int16/int32 stored; int32 accumulators and error maps,
+int64 for the hinge and the updates), every shift and bit width from the `QuantPlan`,
+explicit random bits for the stochastic rounding of the update. Both views travel as one
+batch of 2N through each layer: the layer's forward, its rule's integer local loss
+(`quant.clapp_int`), the Hebbian products and the updates; only
 the layer's uint8 output survives to the next layer.
 
 Bit widths of one layer (f_* are the plan's exponents, scales 2^-f):
@@ -12,8 +13,8 @@ Bit widths of one layer (f_* are the plan's exponents, scales 2^-f):
   acc    int32 = conv(x, w) + b (b int32 at f_x + f_w); |acc| < 2^31 checked at plan time
   pool   2x2 max of acc, the first maximum in (0,0), (0,1), (1,0), (1,1) order wins
   y      uint8 = clamp(round_shift(acc, f_x + f_w - f_y), 0, 255)   (the ReLU is the clamp)
-  e      int8 error at y (from the rule, stochastically rounded), masked by y > 0 and routed
-         to the max-pool's choice
+  e      int8 error at y (from the rule, stochastically rounded; int32 tensors until the
+         product), masked by y > 0 and routed to the max-pool's choice
   GW     int32 (saturating) = sum over batch and positions of e x   (the Hebbian product)
   Gb     int32 (saturating) = sum of e
   update store' = clamp(store + stochastic_shift(-G, K, noise), lo, hi), cast to the store dtype

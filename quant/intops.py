@@ -181,7 +181,8 @@ def _fast_f32(t: Tensor) -> bool:
 
 
 def _to_int(y: Tensor) -> Tensor:
-    """An integer-valued float tensor as int64 (round first: exact values stay exact)."""
+    """An integer-valued float tensor as int64. Off the CPU, whose float64 kernels may
+    take non-direct algorithms (FFT, Winograd) with tiny errors, round first."""
     return torch.round(y).to(torch.int64) if y.device.type != "cpu" else y.to(torch.int64)
 
 
