@@ -37,6 +37,7 @@ PROFILES = {
         subset=None,
         quant_subset=5000,
         quant_epochs=1,
+        alignment_every=20,
     ),
     "rules": dict(
         CIFAR,
@@ -47,6 +48,7 @@ PROFILES = {
         subset=None,
         quant_subset=10000,
         quant_epochs=1,
+        alignment_every=20,
     ),
     "full": dict(
         CIFAR,
@@ -57,6 +59,7 @@ PROFILES = {
         subset=None,
         quant_subset=None,
         quant_epochs=5,
+        alignment_every=100,
     ),
     # exercises every section in a minute or two; its numbers mean nothing
     "smoke": dict(
@@ -69,6 +72,7 @@ PROFILES = {
         subset=512,
         quant_subset=512,
         quant_epochs=1,
+        alignment_every=2,
     ),
 }
 
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         return res["sections"][name]
 
-    acc = section("accuracy", lambda: accuracy.run(p["rules"], p["seeds"], base, runs, a.data_dir))
+    acc = section("accuracy", lambda: accuracy.run(
+        p["rules"], p["seeds"], base, runs, a.data_dir, alignment_every=p["alignment_every"]))
     small = a.profile == "smoke"
     w = 0.03125 if small else 0.125
     mem = section(

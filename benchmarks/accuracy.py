@@ -28,9 +28,13 @@ def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:
 def run_one(cfg: TrainConfig, out: Path, data_dir: str | None, progress: bool) -> dict:
     """Train (or resume) one run and probe it both ways; cached in out/bench.json."""
     cache = out / "bench.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    r = train(cfg, out, data_dir=data_dir, resume=True, progress=progress)
+    stale = False
+    if cache.exists():  # a cached run counts only if it was made with this very config
+        row = json.loads(cache.read_text())
+        if row.get("config") == cfg.to_dict():
+            return row
+        stale = True  # another config's run: train afresh over it
+    r = train(cfg, out, data_dir=data_dir, resume=not stale, progress=progress)
     ds = load(cfg.data, data_dir, cfg.subset)
     params, _, meta = checkpoint.load(out)
     net = NetSpec.from_dict(meta["net"])
@@ -41,6 +45,8 @@ def run_one(cfg: TrainConfig, out: Path, data_dir: str | None, progress: bool) -
         "seconds": r["seconds"],
         "final_loss": r["final_loss"],
         "parameters": r["parameters"],
+        "alignment": r["alignment"],  # per layer, mean over the measured batches (or None)
+        "config": cfg.to_dict(),
     }
     cache.write_text(json.dumps(row, indent=1))
     return row
@@ -72,6 +78,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
             }
         if "seconds" in mine[0]:
             entry["seconds_mean"] = statistics.mean(r["seconds"] for r in mine)
+        aligned = [r["alignment"] for r in mine if r.get("alignment")]
+        if aligned:  # per layer, mean over seeds
+            entry["alignment"] = [statistics.mean(v) for v in zip(*aligned, strict=True)]
         out[name] = entry
     return out
 
@@ -83,11 +92,17 @@ def run(
     out: Path,
     data_dir: str | None = None,
     progress: bool = True,
+    alignment_every: int | None = None,
 ) -> dict:
+    """`alignment_every=k` also measures each local rule's gradient alignment with BP-InfoNCE
+    on every k-th batch (None: not measured)."""
     rows = []
     for seed in seeds:
         for rule in rules:
-            cfg = TrainConfig(**{**base.to_dict(), "rule": rule, "seed": seed})
+            local = not rule.startswith("bp-")
+            align = {"alignment": True, "alignment_every": alignment_every} \
+                if alignment_every and local else {}
+            cfg = TrainConfig(**{**base.to_dict(), "rule": rule, "seed": seed, **align})
             rows.append(run_one(cfg, out / f"{rule}-s{seed}", data_dir, progress))
         rows.append(random_encoder(TrainConfig(**{**base.to_dict(), "seed": seed}), data_dir))
     return {"config": base.to_dict(), "seeds": seeds, "rows": rows, "summary": summarise(rows)}

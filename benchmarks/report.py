@@ -51,13 +51,16 @@ def markdown(res: dict) -> str:
             f"{c['batch_size']}, {'all' if not c['subset'] else c['subset']} training "
             f"images; mean [min-max] over seeds {acc['seeds']}.",
             "",
-            "| encoder | probe: all layers | probe: last layer | train s |",
-            "|---|---|---|---|",
+            "| encoder | probe: all layers | probe: last layer | train s | alignment per layer |",
+            "|---|---|---|---|---|",
         ]
         for name, s in acc["summary"].items():
             secs = f"{s['seconds_mean']:.0f}" if "seconds_mean" in s else "-"
-            lines.append(f"| {name} | {_pct(s['all'])} | {_pct(s['last'])} | {secs} |")
-        lines.append("")
+            al = " ".join(f"{a:+.3f}" for a in s["alignment"]) if s.get("alignment") else "-"
+            lines.append(f"| {name} | {_pct(s['all'])} | {_pct(s['last'])} | {secs} | {al} |")
+        lines += ["", "Alignment: cosine between the rule's update of each layer's weights and "
+                  "the BP-InfoNCE gradient of the same batch, mean over the measured batches "
+                  "and seeds (local rules only).", ""]
     if mem := sec.get("memory"):
         lines += [
             "## Peak memory of one step (measured, MemTracker)",

@@ -84,6 +84,9 @@ def train(
     alignment: Annotated[
         bool, typer.Option(help="Per-layer cosine of the update with the BP-InfoNCE gradient.")
     ] = False,
+    alignment_every: Annotated[
+        int, typer.Option(help="Measure alignment on every k-th batch (each costs a BP pass).")
+    ] = 1,
     quant: Annotated[str, typer.Option(help="Weights: fp32 | int8 | int8-w16.")] = "fp32",
     mode: Annotated[
         str, typer.Option(help="With --quant int8*: qat (fp32 latent) | integer.")
@@ -111,6 +114,7 @@ def train(
         device=device,
         runtime=runtime,
         alignment=alignment,
+        alignment_every=alignment_every,
         quant=quant,
         mode=mode,
     )

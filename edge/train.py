@@ -56,9 +56,10 @@ class TrainConfig:
     device: str = "cpu"  # where the step runs; not part of the run's identity
     runtime: str = "torch"  # what executes the step (torch | onnxruntime | openvino); recorded
     alignment: bool = False  # measure per-layer cosine(rule update, BP-InfoNCE gradient)
+    alignment_every: int = 1  # ... on every k-th batch (it costs a backprop pass per batch)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "alignment_every"):
             if getattr(self, name) <= 0:
                 raise EdgeError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
@@ -92,7 +93,7 @@ class TrainConfig:
     def same_run(self, other: TrainConfig) -> bool:
         """Everything but the epoch count must match for a resume to continue the same run."""
         mine, theirs = self.to_dict(), other.to_dict()
-        for key in ("epochs", "device", "runtime", "alignment"):
+        for key in ("epochs", "device", "runtime", "alignment", "alignment_every"):
             mine.pop(key), theirs.pop(key)
         return mine == theirs
 
@@ -216,7 +217,7 @@ def train(
             for s in range(steps):
                 x = ds.x_train[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                 v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
-                if cfg.alignment:  # before the step: the update it is about to make
+                if cfg.alignment and s % cfg.alignment_every == 0:  # the update it will make
                     align.append(alignment(net, rule, engine.params, v1, v2, seed=cfg.seed))
                 metrics = engine.step(v1, v2, gen)
                 loss = float(metrics["loss"])

@@ -84,7 +84,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"epochs": 0}, {"batch_size": -1}, {"subset": 0}, {"rule": "hebb"}, {"data": "imagenet"}]
+    "kw",
+    [{"epochs": 0}, {"batch_size": -1}, {"subset": 0}, {"rule": "hebb"}, {"data": "imagenet"},
+     {"alignment_every": 0}],
 )
 def test_bad_config(kw):
     with pytest.raises(EdgeError):
@@ -121,3 +123,22 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(EdgeError, match="not an edge checkpoint"):
         checkpoint.load(bad)
+
+
+def test_alignment_every_measures_only_the_sampled_batches(tmp_path):
+    """With alignment_every past the epoch's length only the first batch is measured: the
+    recorded alignment is then exactly alignment() of the initial weights on that batch."""
+    from edge.alignment import alignment
+    from edge.data import default_views, load, two_views
+    from edge.train import build, epoch_generator, initial_params
+
+    cfg = TrainConfig(rule="clapp++", epochs=1, alignment=True, alignment_every=1000, **SMALL)
+    r = train(cfg, tmp_path, progress=False)
+    ds = load("digits", None, SMALL["subset"])
+    net, rule = build(cfg, ds.in_shape)
+    gen = epoch_generator(cfg.seed, 0)
+    perm = torch.randperm(ds.x_train.shape[0], generator=gen)
+    x1, x2 = two_views(ds.x_train[perm[: cfg.batch_size]], gen, default_views("digits"),
+                       ds.mean, ds.std)
+    want = alignment(net, rule, initial_params(cfg, net, rule), x1, x2, seed=cfg.seed)
+    assert r["alignment"] == pytest.approx(want, abs=1e-6)
