@@ -2,27 +2,60 @@
 
 Both steps run on the same network, batch and threads, interleaved (local, bp, local, bp,
 ...) so machine noise hits both alike; each repeat times `steps` consecutive steps after a
-warm-up. The figure is the ratio of medians, with the spread over repeats.
+warm-up. The figure is the median of the per-repeat ratios, with their min and max.
+`before=True` also times, in the same loop, the local step with the conv weight gradient
+computed as before (the transposed-conv trick run eagerly, now only the traced formulation,
+`edge.nets.layer_backward`), so the eager kernel's gain is measured side by side.
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.speed [--before --repeats 5]
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
 import torch
 
+import edge.nets as nets
 from benchmarks.memory import setup
 from edge.nets import NetSpec, preset
 from edge.step import train_step
 
 
-def _stepper(net: NetSpec, rule_name: str, batch: int, seed: int = 0):
+@contextlib.contextmanager
+def _traced_weight_gradient():
+    """Eager steps run the traced formulation of the conv weight gradient (the code before
+    the eager path took torch's weight-gradient kernel)."""
+    import sys
+
+    original = nets.layer_backward
+
+    def legacy(layer, out, gy):
+        if layer.kind == "linear":
+            return original(layer, out, gy)
+        return nets._conv_backward_traced(out, gy)
+
+    modules = [m for m in list(sys.modules.values())
+               if getattr(m, "layer_backward", None) is original]  # the rules' imports
+    for m in modules:
+        m.layer_backward = legacy
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.layer_backward = original
+
+
+def _stepper(net: NetSpec, rule_name: str, batch: int, seed: int = 0, legacy: bool = False):
     rule, opt, params, state, x1, x2 = setup(net, rule_name, batch, seed)
     box = {"p": params, "s": state}
 
     def step() -> None:
-        box["p"], box["s"], _ = train_step(net, rule, opt, box["p"], box["s"], x1, x2, donate=True)
+        with _traced_weight_gradient() if legacy else contextlib.nullcontext():
+            box["p"], box["s"], _ = train_step(net, rule, opt, box["p"], box["s"], x1, x2,
+                                               donate=True)
 
     return step
 
@@ -42,16 +75,30 @@ def run(
     repeats: int = 5,
     steps: int = 5,
     threads: int = 2,
+    before: bool = False,
 ) -> dict:
     torch.set_num_threads(threads)
     net = preset("vgg6", (3, 32, 32), width)
     steppers = {local: _stepper(net, local, batch), bp: _stepper(net, bp, batch)}
+    if before:
+        steppers[f"{local} (before)"] = _stepper(net, local, batch, legacy=True)
     for s in steppers.values():
         s()  # warm-up
-    rates: dict[str, list[float]] = {local: [], bp: []}
+    rates: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(repeats):
         for name, s in steppers.items():
             rates[name].append(samples_per_second(s, batch, steps))
+
+    def spread(v: list[float]) -> dict:
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+    def ratio(a: str, b: str) -> dict:
+        return spread([x / y for x, y in zip(rates[a], rates[b], strict=True)])
+
+    extra = {}
+    if before:
+        extra = {"ratio_local_before_vs_bp": ratio(f"{local} (before)", bp),
+                 "ratio_local_vs_before": ratio(local, f"{local} (before)")}
     ratios = [a / b for a, b in zip(rates[local], rates[bp], strict=True)]
     return {
         "net": f"vgg6 x{width}",
@@ -67,10 +114,19 @@ def run(
             "min": min(ratios),
             "max": max(ratios),
         },
-    }
+    } | extra
 
 
 if __name__ == "__main__":
+    import argparse
     import json
 
-    print(json.dumps(run(repeats=3), indent=1))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--before", action="store_true", help="also time the previous formulation")
+    a = ap.parse_args()
+    print(json.dumps(run(batch=a.batch, width=a.width, repeats=a.repeats, steps=a.steps,
+                         before=a.before), indent=1))

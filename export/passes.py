@@ -238,9 +238,15 @@ def _conv_as_gemms(model: onnx.ModelProto, node: onnx.NodeProto,
                 "pad")
     wf = op("Reshape", [w, const("wshape", [o, -1])], "w")
     axes = const("axes", [2, 3])
-    windows = [op("Slice", [xp, const(f"start{p}{q}", [p, q]),
+    _, _, h, w_ = shapes[x]
+
+    def window(p: int, q: int) -> str:
+        if (p, q, kh, kw) == (pads[0], pads[1], h, w_):
+            return x  # the window at the padding's offset is the unpadded input itself
+        return op("Slice", [xp, const(f"start{p}{q}", [p, q]),
                             const(f"end{p}{q}", [p + kh, q + kw]), axes], f"win{p}{q}")
-               for p in range(oh) for q in range(ow)]
+
+    windows = [window(p, q) for p in range(oh) for q in range(ow)]
     if b >= MIN_GEMM_BATCH:  # (B, O) per position, stacked on a last axis: (B, O, positions)
         rows, last = const("rows", [b, -1]), const("last", [2])
         cols = [op("Unsqueeze", [op("Gemm", [op("Reshape", [win, rows], f"flat{i}"), wf],
