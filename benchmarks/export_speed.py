@@ -1,8 +1,9 @@
 """Steps per second of the exported training step (onnxruntime) against torch eager.
 
 Both run the same step (same net, rule, optimizer, batch, views) with the same number of
-threads, interleaved (torch, onnxruntime, torch, onnxruntime, ...) so machine noise hits both
-alike; each repeat times `steps` consecutive steps after a warm-up. The onnxruntime figure is
+threads, interleaved (torch, onnxruntime, torch, onnxruntime, ..., the order rotating each
+repeat) so machine noise hits both alike; each repeat times `steps` consecutive steps after a
+warm-up. The onnxruntime figure is
 end to end through `export.runner.OnnxStepper` (torch tensors in and out, what
 `edge train --runtime onnxruntime` would call): the exported graph after
 `export.passes.onnxruntime_speed`, idle threads sleeping. `--before` also times, in the same
@@ -115,9 +116,10 @@ def run(net_name: str = "digits", width: float = 0.25, batch: int = 16, repeats:
             s()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in runtimes}
     load0 = os.getloadavg()[0]
-    for _ in range(repeats):
-        for name, s in steppers.items():
-            rates[name].append(_rate(s, steps))
+    names = list(steppers)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+            rates[name].append(_rate(steppers[name], steps))
 
     def ratio(name: str) -> dict:
         return _spread([o / t for o, t in zip(rates[name], rates["torch"], strict=True)], 2)

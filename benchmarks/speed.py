@@ -1,8 +1,9 @@
 """Samples per second of a local training step against a backprop step, in torch eager.
 
 Both steps run on the same network, batch and threads, interleaved (local, bp, local, bp,
-...) so machine noise hits both alike; each repeat times `steps` consecutive steps after a
-warm-up. The figure is the median of the per-repeat ratios, with their min and max.
+..., the order rotating each repeat) so machine noise hits both alike; each repeat times
+`steps` consecutive steps after a warm-up. The figure is the median of the per-repeat ratios,
+with their min and max.
 `before=True` also times, in the same loop, the local step with the conv weight gradient
 computed as before (the transposed-conv trick run eagerly, now only the traced formulation,
 `edge.nets.layer_backward`), so the eager kernel's gain is measured side by side.
@@ -85,9 +86,10 @@ def run(
     for s in steppers.values():
         s()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in steppers}
-    for _ in range(repeats):
-        for name, s in steppers.items():
-            rates[name].append(samples_per_second(s, batch, steps))
+    names = list(steppers)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+            rates[name].append(samples_per_second(steppers[name], batch, steps))
 
     def spread(v: list[float]) -> dict:
         return {"median": statistics.median(v), "min": min(v), "max": max(v)}
