@@ -34,7 +34,8 @@ def run_one(cfg: TrainConfig, out: Path, data_dir: str | None, progress: bool) -
         if row.get("config") == cfg.to_dict():
             return row
         stale = True  # another config's run: train afresh over it
-    r = train(cfg, out, data_dir=data_dir, resume=not stale, progress=progress)
+    # train() skips its own probes: this probes the checkpoint both ways below
+    r = train(cfg, out, data_dir=data_dir, resume=not stale, progress=progress, probe=False)
     ds = load(cfg.data, data_dir, cfg.subset)
     params, _, meta = checkpoint.load(out)
     net = NetSpec.from_dict(meta["net"])

@@ -167,11 +167,14 @@ def train(
     progress: bool = True,
     make_step: Callable[..., Callable] | None = None,
     engine=None,
+    probe: bool = True,
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, probe. `make_step(net, rule, opt)` may supply another
     executor of the same step (e.g. the exported graph in onnxruntime, from `export.runner`);
     it must accept `(params, state, x1, x2, donate=...)` like `edge.step.train_step`.
-    `engine` replaces the float engine (e.g. `quant.engine.QuantEngine` for integer mode)."""
+    `engine` replaces the float engine (e.g. `quant.engine.QuantEngine` for integer mode).
+    `probe=False` skips the two linear probes (callers that probe the checkpoint themselves);
+    the result then has `probe_accuracy` and `random_probe_accuracy` None."""
     t0 = time.perf_counter()
     ds = load(cfg.data, data_dir, cfg.subset)
     net, rule = build(cfg, ds.in_shape)
@@ -244,9 +247,11 @@ def train(
             params, state, meta["quant"] = engine.tensors()
             checkpoint.save(ckpt_path, params, state, meta)
     params, _, _ = engine.tensors()
-    probe = probe_accuracy(net, params, ds, cfg.probe_layers, encode_fn=engine.encoder())
-    random = {k: v.to(device) for k, v in initial_params(cfg, net, rule).items()}
-    random_probe = probe_accuracy(net, random, ds, cfg.probe_layers)
+    acc = random_acc = None
+    if probe:
+        acc = probe_accuracy(net, params, ds, cfg.probe_layers, encode_fn=engine.encoder())
+        random = {k: v.to(device) for k, v in initial_params(cfg, net, rule).items()}
+        random_acc = probe_accuracy(net, random, ds, cfg.probe_layers)
     result = {
         "rule": cfg.rule,
         "data": cfg.data,
@@ -255,8 +260,8 @@ def train(
         "subset": cfg.subset,
         "train_images": n,
         "probe_layers": cfg.probe_layers,
-        "probe_accuracy": probe,
-        "random_probe_accuracy": random_probe,
+        "probe_accuracy": acc,
+        "random_probe_accuracy": random_acc,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "alignment": _mean_alignment(history),
