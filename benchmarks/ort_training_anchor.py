@@ -17,8 +17,8 @@ What is timed, on the same conv net, batch, two views and threads (AdamW, lr 1e-
   local@1.19.2    our exported CLAPP++ step (export.training_step, after
                   export.passes.onnxruntime_speed) in the same onnxruntime build, 1.19.2
   local@main      the same graph in this venv's onnxruntime through export.runner.Runner
-All three in one interleaved loop (local@main, local@1.19.2, anchor, local@main, ...): each
-repeat times `steps` consecutive steps after a warm-up; figures are the median steps/s over
+All three in one interleaved loop (local@main, local@1.19.2, anchor, ..., the order rotating
+each repeat): each repeat times `steps` consecutive steps after a warm-up; figures are the median steps/s over
 the repeats with min and max, and ratios per repeat. The worker checks the anchor's first
 loss against torch's bp-clapp++ loss at the same parameters and views (relative 1e-5).
 
@@ -239,16 +239,21 @@ def run(net_name: str = "vgg6", width: float = 0.125, batch: int = 32, repeats: 
         def main_step() -> None:
             box["p"], box["s"], _ = stepper(box["p"], box["s"], x1, x2)
 
-        main_step()
-        rates: dict[str, list[float]] = {"local@main": [], "local@1.19.2": [], "anchor": []}
-        load0 = os.getloadavg()[0]
-        for _ in range(repeats):
+        def local_main() -> float:
             t = time.perf_counter()
             for _ in range(steps):
                 main_step()
-            rates["local@main"].append(steps / (time.perf_counter() - t))
-            rates["local@1.19.2"].append(remote("local"))
-            rates["anchor"].append(remote("anchor"))
+            return steps / (time.perf_counter() - t)
+
+        main_step()
+        timed = {"local@main": local_main, "local@1.19.2": lambda: remote("local"),
+                 "anchor": lambda: remote("anchor")}
+        rates: dict[str, list[float]] = {k: [] for k in timed}
+        names = list(timed)
+        load0 = os.getloadavg()[0]
+        for r in range(repeats):
+            for name in names[r % 3:] + names[:r % 3]:  # each goes first in turn
+                rates[name].append(timed[name]())
         proc.stdin.write(json.dumps({"quit": True}) + "\n")
         proc.stdin.flush()
         proc.wait(timeout=60)
