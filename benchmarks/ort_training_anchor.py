@@ -18,9 +18,10 @@ What is timed, on the same conv net, batch, two views and threads (AdamW, lr 1e-
                   export.passes.onnxruntime_speed) in the same onnxruntime build, 1.19.2
   local@main      the same graph in this venv's onnxruntime through export.runner.Runner
 All three in one interleaved loop (local@main, local@1.19.2, anchor, ..., the order rotating
-each repeat): each repeat times `steps` consecutive steps after a warm-up; figures are the median steps/s over
-the repeats with min and max, and ratios per repeat. The worker checks the anchor's first
-loss against torch's bp-clapp++ loss at the same parameters and views (relative 1e-5).
+each repeat): each repeat times `steps` consecutive steps after a warm-up; figures are the
+median steps/s over the repeats with min and max, and ratios per repeat. The worker checks
+the anchor's first loss against torch's bp-clapp++ loss at the same parameters and views
+(relative 1e-5).
 
     python benchmarks/ort_training_anchor.py [--net vgg6 --width 0.125 --batch 32]
         [--repeats 5 --steps 5 --threads 2 --venv /work/venv-ortt]
@@ -286,13 +287,15 @@ def run(net_name: str = "vgg6", width: float = 0.125, batch: int = 32, repeats: 
 def _markdown(r: dict) -> str:
     s, q = r["steps_per_s"], r["ratio_vs_anchor"]
     fmt = "{median} [{min}-{max}]".format
+    net, width = r["net"].split(" x")
     lines = [
         "# onnxruntime-training (backprop) vs our exported local step",
         "",
         f"{r['net']}, batch {r['batch']}, {r['threads']} threads, AdamW; {r['repeats']} "
         f"interleaved repeats of {r['steps_per_repeat']} steps; median [min-max]; load "
         f"average {r['loadavg_1min']} on {r['cpus']} CPUs. Command: `OMP_WAIT_POLICY=PASSIVE "
-        "python benchmarks/ort_training_anchor.py`.",
+        f"python benchmarks/ort_training_anchor.py --net {net} --width {width} --batch "
+        f"{r['batch']} --repeats {r['repeats']} --steps {r['steps_per_repeat']}`.",
         "",
         "| step | runtime | steps/s | vs anchor |",
         "|---|---|---|---|",
