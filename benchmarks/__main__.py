@@ -104,7 +104,7 @@ def quant_section(data_dir: str | None, subset: int | None, epochs: int) -> dict
         subset=subset,
         epochs=epochs,
         batch_size=64,
-        lr=1e-3,
+        lr=rules.default_lr("clapp++"),
         rule="clapp++",
         net=None,
         width=1.0,

@@ -6,7 +6,7 @@ and the same views (epoch generators as in `edge.train`), and is probed the same
 "last"); quantized runs are probed on the quantized network's own (integer) forward.
 
 Configurations:
-  fp32        the rule's default: AdamW, lr 1e-3 (what `edge train` does)
+  fp32        the rule's default: AdamW at the rule's default lr (what `edge train` does)
   fp32-sgdn   fp32 with the integer mode's optimizer: SGD with per-tensor power-of-two
               learning rates normalised at calibration (isolates the cost of the integers)
   qat         int8 weights and activations in the forward, fp32 latent weights, AdamW
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: the rule's default_lr")
     ap.add_argument("--rule", default="clapp++")
     ap.add_argument("--net", default=None)
     ap.add_argument("--width", type=float, default=1.0)
@@ -165,6 +165,8 @@ def main() -> None:
     net = preset(args.net or default_preset(args.data), ds.in_shape, args.width)
     rule = rules.get(args.rule)
     rule.check(net)
+    if args.lr is None:
+        args.lr = rules.default_lr(args.rule)
     results = {
         "data": args.data,
         "subset": args.subset,
