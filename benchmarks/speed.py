@@ -4,9 +4,10 @@ Both steps run on the same network, batch and threads, interleaved (local, bp, l
 ..., the order rotating each repeat) so machine noise hits both alike; each repeat times
 `steps` consecutive steps after a warm-up. The figure is the median of the per-repeat ratios,
 with their min and max.
-`before=True` also times, in the same loop, the local step with the conv weight gradient
-computed as before (the transposed-conv trick run eagerly, now only the traced formulation,
-`edge.nets.layer_backward`), so the eager kernel's gain is measured side by side.
+`before=True` also times, in the same loop, the local step with the pooled layers' error map
+built as before (a pooled-size temporary product per window offset; now masked in place
+into the strided view, see `edge.nets.layer_backward`), so the change is measured side by
+side.
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.speed [--before --repeats 5]
 """
@@ -26,17 +27,24 @@ from edge.step import train_step
 
 
 @contextlib.contextmanager
-def _traced_weight_gradient():
-    """Eager steps run the traced formulation of the conv weight gradient (the code before
-    the eager path took torch's weight-gradient kernel)."""
+def _full_error_weight_gradient():
+    """Pooled layers build the error map from temporary products (the code before the
+    in-place masking)."""
     import sys
 
     original = nets.layer_backward
 
     def legacy(layer, out, gy):
-        if layer.kind == "linear":
+        if out.pool_off is None:
             return original(layer, out, gy)
-        return nets._conv_backward_traced(out, gy)
+        e = gy * (out.y > 0).to(gy.dtype)
+        n, c, hp, wp = e.shape
+        full = e.new_zeros(n, c, out.x.shape[2], out.x.shape[3])
+        for k in range(4):
+            dy, dx = divmod(k, 2)
+            full[:, :, dy : 2 * hp : 2, dx : 2 * wp : 2] = e * (out.pool_off == k)
+        shape = (layer.out_features, layer.in_features, 3, 3)
+        return torch.nn.grad.conv2d_weight(out.x, shape, full, padding=1), e.sum((0, 2, 3))
 
     modules = [m for m in list(sys.modules.values())
                if getattr(m, "layer_backward", None) is original]  # the rules' imports
@@ -54,7 +62,7 @@ def _stepper(net: NetSpec, rule_name: str, batch: int, seed: int = 0, legacy: bo
     box = {"p": params, "s": state}
 
     def step() -> None:
-        with _traced_weight_gradient() if legacy else contextlib.nullcontext():
+        with _full_error_weight_gradient() if legacy else contextlib.nullcontext():
             box["p"], box["s"], _ = train_step(net, rule, opt, box["p"], box["s"], x1, x2,
                                                donate=True)
 

@@ -86,3 +86,27 @@ def test_layer_backward_equals_autograd(layer, shape):
 def test_mlp_flattens_conv_input():
     net = mlp([16], (2, 4, 4))
     assert net.layers[0].in_features == 32
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (7, 6), (5, 9), (8, 8)])
+def test_pooled_backward_odd_maps_and_ties_equal_autograd(hw):
+    """The eager pooled update never builds the full-resolution error (window offsets, stride-2
+    correlations): exact against autograd on odd maps (floor-mode pooling drops a row or a
+    column) and with tied maxima, where torch routes the gradient to the first maximum."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(hw[0] * 10 + hw[1])
+    layer = LayerSpec("conv", 3, 5, pool=True)
+    x = torch.randn(4, 3, *hw, generator=gen)
+    x[:2] = 0.25  # constant images: every window of their maps is a tie
+    w = torch.randn(5, 3, 3, 3, generator=gen).requires_grad_()
+    b = torch.randn(5, generator=gen).abs().requires_grad_()
+    y = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)
+    gy = torch.randn(y.shape, generator=gen)
+    (y * gy).sum().backward()
+    out = layer_forward(layer, w.detach(), b.detach(), x)
+    assert out.pool_idx is None and out.pool_off.dtype == torch.uint8  # 1 byte per unit
+    gw, gb = layer_backward(layer, out, gy)
+    torch.testing.assert_close(out.y, y.detach())
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, b.grad, rtol=1e-5, atol=1e-5)
