@@ -23,8 +23,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import accuracy, memory, speed
+from edge.data import load
+from edge.nets import encode, preset
 from edge.train import TrainConfig
 
+# the quantization comparison: a CIFAR-10 subset at the accuracy section's width
+QUANT_CIFAR = dict(data="cifar10", net="vgg6", width=0.0625, subset=10000, epochs=2, batch_size=32)
 LOCAL = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff"]
 CIFAR = dict(data="cifar10", net="vgg6")
 PROFILES = {
@@ -35,8 +39,7 @@ PROFILES = {
         width=0.0625,
         epochs=2,
         subset=None,
-        quant_subset=5000,
-        quant_epochs=1,
+        quant=QUANT_CIFAR,
         alignment_every=20,
     ),
     "rules": dict(
@@ -46,8 +49,7 @@ PROFILES = {
         width=0.0625,
         epochs=2,
         subset=None,
-        quant_subset=10000,
-        quant_epochs=1,
+        quant=QUANT_CIFAR,
         alignment_every=20,
     ),
     "full": dict(
@@ -57,8 +59,8 @@ PROFILES = {
         width=1.0,
         epochs=100,
         subset=None,
-        quant_subset=None,
-        quant_epochs=5,
+        quant=dict(data="cifar10", net="vgg6", width=1.0, subset=None, epochs=5,
+                   batch_size=64),
         alignment_every=100,
     ),
     # exercises every section in a minute or two; its numbers mean nothing
@@ -70,8 +72,8 @@ PROFILES = {
         width=0.25,
         epochs=1,
         subset=512,
-        quant_subset=512,
-        quant_epochs=1,
+        quant=dict(data="digits", net="digits", width=0.25, subset=512, epochs=1,
+                   batch_size=32),
         alignment_every=2,
     ),
 }
@@ -93,37 +95,32 @@ def machine() -> dict:
     }
 
 
-def quant_section(data_dir: str | None, subset: int | None, epochs: int) -> dict:
+def quant_section(data_dir: str | None, q: dict) -> dict:
+    """fp32 CLAPP++ against int8-w16 integer mode, same images, views and epochs, each at its
+    own default rate (benchmarks/quant_accuracy.py; int8 and qat are in its own results)."""
     from benchmarks import quant_accuracy as qa
     from edge import rules
-    from edge.data import load
-    from edge.nets import encode, preset
+    from quant.engine import integer_default_lr
 
     args = argparse.Namespace(
-        data="mnist",
-        subset=subset,
-        epochs=epochs,
-        batch_size=64,
+        **q,
         lr=rules.default_lr("clapp++"),
+        integer_lr=integer_default_lr("clapp++"),
         rule="clapp++",
-        net=None,
-        width=1.0,
         seed=0,
         calib_batches=4,
     )
-    ds = load("mnist", data_dir, subset)
-    net = preset("mnist", ds.in_shape, 1.0)
+    ds = load(q["data"], data_dir, q["subset"])
+    net = preset(q["net"], ds.in_shape, q["width"])
     rule = rules.get("clapp++")
     rule.check(net)
     init = qa.initial_params(qa._cfg(args), net, rule)
     out = {
-        "data": "mnist",
-        "subset": subset,
-        "epochs": epochs,
+        **q,
         "random_probe": qa.probe(lambda x: encode(net, init, x), ds),
         "runs": {},
     }
-    for config in ("fp32", "int8-w16", "int8", "qat"):
+    for config in ("fp32", "int8-w16"):
         out["runs"][config] = qa.run(config, args, ds, net, rule)
     return out
 
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ort = section("export_speed", lambda: export_speed.run("vgg6", w, 32, repeats=3, steps=5))
     quant = section(
-        "quant", lambda: quant_section(a.data_dir, p["quant_subset"], p["quant_epochs"])
+        "quant", lambda: quant_section(a.data_dir, p["quant"])
     )
     if acc and mem and spd and ort:
         res["headline"] = headline(acc, mem, spd, ort, quant)

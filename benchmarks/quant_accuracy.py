@@ -93,10 +93,11 @@ def run(config: str, args, ds, net, rule) -> dict:
     if config in ("qat", "int8-w16", "int8"):
         quant = "int8" if config == "qat" else config
         mode = "qat" if config == "qat" else "integer"
-        qs = init_quant(net, rule, params, calib, quant, mode, opt, lr=args.lr)
+        qs = init_quant(net, rule, params, calib, quant, mode, opt,
+                        lr=args.lr if mode == "qat" else args.integer_lr)
         info = describe_plan(qs)
     elif config == "fp32-sgdn":
-        lrs = sgdn_lrs(net, rule, params, calib, args.lr)
+        lrs = sgdn_lrs(net, rule, params, calib, args.integer_lr)
     n, bs = ds.x_train.shape[0], args.batch_size
     history, clipped = [], 0
     for epoch in range(args.epochs):
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None, help="default: the rule's default_lr")
+    ap.add_argument("--integer-lr", type=float, default=None,
+                    help="integer mode and fp32-sgdn (default: quant.engine.integer_default_lr)")
     ap.add_argument("--rule", default="clapp++")
     ap.add_argument("--net", default=None)
     ap.add_argument("--width", type=float, default=1.0)
@@ -167,6 +170,10 @@ def main() -> None:
     rule.check(net)
     if args.lr is None:
         args.lr = rules.default_lr(args.rule)
+    if args.integer_lr is None:
+        from quant.engine import integer_default_lr
+
+        args.integer_lr = integer_default_lr(args.rule)
     results = {
         "data": args.data,
         "subset": args.subset,
@@ -174,6 +181,7 @@ def main() -> None:
         "net": net.to_dict(),
         "rule": args.rule,
         "lr": args.lr,
+        "integer_lr": args.integer_lr,
         "runs": [],
     }
     if not args.skip_random:

@@ -100,9 +100,10 @@ def markdown(res: dict) -> str:
         lines.append("")
     if q := sec.get("quant"):
         lines += [
-            "## Quantized CLAPP++ (MNIST, probe accuracy %)",
+            "## Quantized CLAPP++ (probe accuracy %)",
             "",
-            f"{q['subset'] or 'all'} images, {q['epochs']} epoch(s); random encoder "
+            f"{q.get('data', 'mnist')}, {q['subset'] or 'all'} images, {q['epochs']} epoch(s), "
+            f"batch {q.get('batch_size', 64)}; random encoder "
             f"{q['random_probe']['all']:.2f} (all) / "
             f"{q['random_probe']['last']:.2f} (last).",
             "",

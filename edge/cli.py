@@ -6,6 +6,7 @@ stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -139,6 +140,10 @@ def train(
         if device != "cpu":
             raise EdgeError(f"--quant {quant} steps run on the CPU; drop --device {device}")
         engine = QuantEngine(quant, mode)
+        if mode == "integer" and lr is None:  # recorded in the run's config
+            from quant.engine import integer_default_lr
+
+            cfg = dataclasses.replace(cfg, lr=integer_default_lr(rule))
     out = out or Path("runs") / f"{rule}-{data}"
     result = run(
         cfg,

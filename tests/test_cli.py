@@ -125,3 +125,19 @@ def test_alignment_and_plot(capsys, tmp_path):
     assert {p.rsplit("/", 1)[1] for p in plots} == {"loss.png", "alignment.png"}
     code, _, err = run(capsys, "train", "--rule", "bp-infonce", "--alignment")
     assert code == 2 and "is global" in err
+
+
+def test_integer_mode_defaults_to_its_own_learning_rate(capsys, tmp_path):
+    """Integer mode's normalised SGD gets quant.engine's default, recorded in the config;
+    an explicit --lr is kept as given."""
+    from edge.rules import default_lr
+    from quant.engine import INTEGER_LR_FACTOR
+
+    args = ["train", "--epochs", "1", "--subset", "64", "--batch-size", "32", "--width", "0.25",
+            "--quant", "int8-w16", "--mode", "integer", "--json"]
+    code, out, _ = run(capsys, *args, "--out", str(tmp_path / "a"))
+    assert code == 0
+    want = default_lr("clapp++") * INTEGER_LR_FACTOR
+    assert json.loads(out)["config"]["lr"] == pytest.approx(want)
+    code, out, _ = run(capsys, *args, "--lr", "0.002", "--out", str(tmp_path / "b"))
+    assert json.loads(out)["config"]["lr"] == 0.002

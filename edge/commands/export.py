@@ -108,6 +108,12 @@ def export_cmd(
     if quant != "fp32" and mode != "integer":
         raise EdgeError(f"--mode {mode} trains fp32 latent weights with an fp32 step; export "
                         "--mode integer, or --quant fp32 for the float step")
+    if quant != "fp32" and lr is None:  # integer mode's own default, as in `edge train`
+        import dataclasses
+
+        from quant.engine import integer_default_lr
+
+        cfg = dataclasses.replace(cfg, lr=integer_default_lr(rule))
     spec, learning_rule = build(cfg, IN_SHAPES[data])
     opt = cfg.optim()
     params = initial_params(cfg, spec, learning_rule)
