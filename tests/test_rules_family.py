@@ -137,3 +137,21 @@ def test_ff_on_a_linear_net() -> None:
 def test_ff_bad_hparams() -> None:
     with pytest.raises(EdgeError, match="at least 1 mask"):
         rules.get("ff", masks=0)
+    with pytest.raises(EdgeError, match="ff loss must be one of symba, threshold"):
+        rules.get("ff", loss="hinge")
+    with pytest.raises(EdgeError, match="alpha must be > 0"):
+        rules.get("ff", alpha=0)
+
+
+def test_ff_symba_contrasts_each_view_with_its_negative() -> None:
+    """SymBa: the loss is softplus(alpha (g_neg - g_pos)) per pair; it falls as the pair's
+    goodness gap grows, and the negative's gradient is minus the views' together."""
+    rule = rules.get("ff", alpha=2.0)
+    g = [torch.tensor([1.0, 2.0]), torch.tensor([1.5, 0.5]), torch.tensor([1.0, 1.0])]
+    loss, (d1, d2, dn) = rule._loss_and_dg(g)
+    sp = torch.nn.functional.softplus
+    want = 0.5 * (sp(2.0 * (g[2] - g[0])).mean() + sp(2.0 * (g[2] - g[1])).mean())
+    assert float(loss) == pytest.approx(float(want))
+    assert torch.allclose(dn, -(d1 + d2)) and (d1 < 0).all() and (d2 < 0).all()
+    wider = rule._loss_and_dg([g[0] + 1, g[1] + 1, g[2]])[0]
+    assert float(wider) < float(loss)

@@ -86,6 +86,15 @@ def test_closed_form_matches_autograd(name: str, net_name: str) -> None:
         assert nonzero >= 2, f"layer {i}: gradients vanish, the check could not fail"
 
 
+@pytest.mark.parametrize("net_name", list(NETS))
+def test_ff_threshold_loss_matches_autograd(net_name: str) -> None:
+    """Hinton's thresholded loss, the non-default ff objective, is exact too."""
+    net = NETS[net_name]
+    rule, params, x1, x2 = setup("ff", net, loss="threshold", threshold=1.5)
+    for i, layer, a1, a2, ctx in walk(net, rule, params, x1, x2):
+        assert check_layer(rule, i, layer, a1, a2, ctx, params) >= 2
+
+
 @pytest.mark.parametrize("predictor", ["full", "lowrank"])
 @pytest.mark.parametrize("name", ["clapp++dfb", "clapp++both"])
 def test_feedback_predictors_full_and_low_rank(name: str, predictor: str) -> None:
