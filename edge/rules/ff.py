@@ -64,7 +64,7 @@ def blur_masks(k: int, h: int, w: int, blur: int, gen: torch.Generator) -> Tenso
 
 class ForwardForward(LocalRule):
     name = "ff"
-    description = "Forward-Forward (unsupervised): high goodness for real views, low for hybrids"
+    description = "Forward-Forward (unsupervised): real views out-score hybrid negatives"
     memory = "layer input and output of both views and of the negatives (3 streams); no predictor"
     # AdamW at the base rate (3e-4). With Hinton's threshold loss the features degraded the
     # longer it trained (MNIST, 1 epoch of 10k, batch 16: 97.45 % at 3e-5, 96.90 % at 1e-4,
