@@ -125,8 +125,8 @@ def quant_section(data_dir: str | None, q: dict) -> dict:
     return out
 
 
-def simulated_step_bytes(width: float, batch: int) -> dict:
-    """The simulator's peak for the exported fp32 CLAPP++ step (in-place bindings)."""
+def simulated_step_bytes(width: float, batch: int, rule_name: str = "clapp++") -> dict:
+    """The simulator's peak for a local rule's exported fp32 step (in-place bindings)."""
     from edge.memory.onnx_graph import GraphOptions
     from edge.memory.simulate import SimOptions, simulate
     from edge.nets import init_params, preset
@@ -135,7 +135,7 @@ def simulated_step_bytes(width: float, batch: int) -> dict:
     from export.training_step import training_step
 
     net = preset("vgg6", (3, 32, 32), width)
-    rule = get("clapp++")
+    rule = get(rule_name)
     rule.check(net)
     gen = torch.Generator().manual_seed(0)
     params = init_params(net, gen)
@@ -228,11 +228,15 @@ def main(argv: list[str] | None = None) -> None:
         p["rules"], p["seeds"], base, runs, a.data_dir, alignment_every=p["alignment_every"]))
     small = a.profile == "smoke"
     w = 0.03125 if small else 0.125
+    # every rule of the profile, beside both backprop baselines; the simulator's figure for
+    # each local rule's exported step
+    mem_rules = list(dict.fromkeys([*p["rules"], "clapp++", "bp-infonce", "bp-clapp++"]))
     mem = section(
         "memory",
         lambda: {
-            **memory.run(["clapp++", "bp-infonce", "bp-clapp++"], batch=32, width=w),
-            "simulated_clapp++": simulated_step_bytes(w, 32),
+            **memory.run(mem_rules, batch=32, width=w),
+            "simulated": {r: simulated_step_bytes(w, 32, r) for r in mem_rules
+                          if not r.startswith("bp-")},
         },
     )
     spd = section("speed", lambda: speed.run(batch=32, width=w, repeats=2 if small else 5))
