@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         p["rules"], p["seeds"], base, runs, a.data_dir, alignment_every=p["alignment_every"]))
     small = a.profile == "smoke"
     w = 0.03125 if small else 0.125
-    # every rule of the profile, beside both backprop baselines; the simulator's figure for
-    # each local rule's exported step
+    # every rule of the profile, plus clapp++ and both backprop baselines (the headline's
+    # memory ratios are clapp++ against bp-infonce); the simulator's figure for each local
+    # rule's exported step
     mem_rules = list(dict.fromkeys([*p["rules"], "clapp++", "bp-infonce", "bp-clapp++"]))
     mem = section(
         "memory",

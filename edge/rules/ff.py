@@ -7,7 +7,8 @@ The default loss is SymBa's (Lee & Song 2023, arXiv 2303.08418): each positive a
 own negative, no threshold,
   L = 1/2 mean_i softplus(alpha (g(yn_i) - g(y1_i)))
     + 1/2 mean_i softplus(alpha (g(yn_i) - g(y2_i)))
-Hinton's thresholded loss is `loss=threshold`:
+Hinton's thresholded loss is `loss=threshold` (`threshold` is read only by it, `alpha` only
+by SymBa):
   L = 1/2 mean_i softplus(theta - g(y1_i)) + 1/2 mean_i softplus(theta - g(y2_i))
     + mean_i softplus(g(yn_i) - theta)
 At initialisation here the hybrids' goodness is above the views' and both are above theta=1,
