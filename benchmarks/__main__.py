@@ -25,7 +25,7 @@ import torch
 from benchmarks import accuracy, memory, speed
 from edge.data import load
 from edge.nets import encode, preset
-from edge.train import TrainConfig
+from edge.app.train import TrainConfig
 
 # the quantization comparison: a CIFAR-10 subset at the accuracy section's width
 QUANT_CIFAR = dict(data="cifar10", net="vgg6", width=0.0625, subset=10000, epochs=2, batch_size=32)
@@ -127,8 +127,8 @@ def quant_section(data_dir: str | None, q: dict) -> dict:
 
 def simulated_step_bytes(width: float, batch: int, rule_name: str = "clapp++") -> dict:
     """The simulator's peak for a local rule's exported fp32 step (in-place bindings)."""
-    from edge.memory.onnx_graph import GraphOptions
-    from edge.memory.simulate import SimOptions, simulate
+    from edge.sim.onnx_graph import GraphOptions
+    from edge.sim.simulate import SimOptions, simulate
     from edge.nets import init_params, preset
     from edge.optim import OptimConfig
     from edge.rules import get

@@ -1,6 +1,6 @@
 """Linear-probe accuracy of each rule beside BP-InfoNCE and the random encoder.
 
-Every run trains the same network on the same images for the same epochs with `edge.train`
+Every run trains the same network on the same images for the same epochs with `edge.app.train`
 (one run directory each, so an interrupted profile resumes where it stopped), then probes
 the checkpoint twice: pooled features of all layers (the paper's probe) and of the last
 layer only (which separates methods more). The random encoder is the same network at its
@@ -17,7 +17,7 @@ from edge import checkpoint
 from edge.data import load
 from edge.nets import NetSpec
 from edge.probe import probe_accuracy
-from edge.train import TrainConfig, build, initial_params, train
+from edge.app.train import TrainConfig, build, initial_params, train
 
 
 def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.accuracy import random_encoder, run_one
-from edge.train import TrainConfig
+from edge.app.train import TrainConfig
 
 DEFAULT_LR_TEXT = "each rule's default (`edge rules`)"
 RULES = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff", "bp-infonce"]

@@ -13,7 +13,7 @@ Graph (a real graph of the step, never a formula), first that works:
   1. the exported integer ONNX training step (`export.integer.integer_program`, the graph a
      device would run with onnxruntime), batch >= 2 via `training_step`, batch 1 via the
      exporter's `export_function` directly (training_step refuses batch 1);
-  2. else `quant.integer.integer_step` itself traced with make_fx (`edge.memory.backprop`
+  2. else `quant.integer.integer_step` itself traced with make_fx (`edge.sim.backprop`
      converts the FX graph): the same function the training loop runs, op by op, at the dtypes
      it computes in: int64 working width for the integer arithmetic, float64 for the host's
      exact 8-bit convolutions (in ONNX those are ConvInteger, int8 x int8 -> int32).
@@ -102,7 +102,7 @@ def traced(net, rule, plan, q, noise, x1, x2):
     """The integer step traced with make_fx: a Schedule (see the module docstring)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from edge.memory.backprop import fx_to_schedule
+    from edge.sim.backprop import fx_to_schedule
     from quant.integer import integer_step
 
     names, nnames = list(q), list(noise)
@@ -132,7 +132,7 @@ def flat_sram(nbytes: int):
 
 def without(schedule, names: list[str]):
     """The same schedule with the named tensors at 0 bytes (the what-if: bits drawn on chip)."""
-    from edge.memory.schedule import Schedule
+    from edge.sim.schedule import Schedule
 
     tensors = {n: (dataclasses.replace(t, nbytes=0) if n in names else t)
                for n, t in schedule.tensors.items()}
@@ -142,7 +142,7 @@ def without(schedule, names: list[str]):
 
 def smallest_sram(graph, options) -> dict[str, Any]:
     """Peak on one big SRAM, checked at exactly that size (fits) and 16 B less (does not)."""
-    from edge.memory.simulate import simulate
+    from edge.sim.simulate import simulate
 
     r = simulate(graph, flat_sram(1 << 40), options)
     need = r.peak_bytes
@@ -158,7 +158,7 @@ def smallest_sram(graph, options) -> dict[str, Any]:
 
 def catalog_fit(graph, options) -> dict[str, bool]:
     import targets
-    from edge.memory.simulate import simulate
+    from edge.sim.simulate import simulate
 
     out = {}
     for t in targets.catalog():
@@ -170,8 +170,8 @@ def catalog_fit(graph, options) -> dict[str, bool]:
 def memory(net_name: str, width: float, rank: int, batch: int, data_dir: str | None
            ) -> dict[str, Any]:
     from edge.errors import EdgeError
-    from edge.memory.onnx_graph import GraphOptions, schedule_from_onnx
-    from edge.memory.simulate import SimOptions
+    from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
+    from edge.sim.simulate import SimOptions
 
     net, rule, plan, q, noise, x1, x2 = build(net_name, width, batch, data_dir, rank)
     options = SimOptions(persistent="sram", inplace=True)

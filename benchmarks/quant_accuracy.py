@@ -1,7 +1,7 @@
 """Probe accuracy of quantized CLAPP++ training against fp32, same budget (not a test).
 
 Every configuration starts from the same float initialisation (seed), sees the same batches
-and the same views (epoch generators as in `edge.train`), and is probed the same way
+and the same views (epoch generators as in `edge.app.train`), and is probed the same way
 (`edge.probe.fit_linear` on 2x2-pooled features of every layer, "all", and of the last layer,
 "last"); quantized runs are probed on the quantized network's own (integer) forward.
 
@@ -32,7 +32,7 @@ from edge.nets import default_preset, encode, layer_forward, layer_params, prese
 from edge.optim import OptimConfig
 from edge.probe import extract, fit_linear
 from edge.step import train_step
-from edge.train import epoch_generator, initial_params
+from edge.app.train import epoch_generator, initial_params
 from quant.train import describe_plan, init_quant, quant_encode, quant_step
 
 CONFIGS = ("fp32", "fp32-sgdn", "qat", "int8-w16", "int8")
@@ -132,7 +132,7 @@ def run(config: str, args, ds, net, rule) -> dict:
 
 
 def _cfg(args):
-    from edge.train import TrainConfig
+    from edge.app.train import TrainConfig
 
     return TrainConfig(
         rule=args.rule,

@@ -236,7 +236,7 @@ def unreordered() -> Iterator[None]:
 
 def build_graphs(quick: bool = False) -> list[dict[str, Any]]:
     """(name, model, manifest view) for each graph compared, as exported, both node orders."""
-    from edge.commands.sim_sources import _net_rule
+    from edge.app.commands.sim_sources import _net_rule
     from edge.optim import OptimConfig
     from export.layers import layer_step_graphs
     from export.training_step import training_step
@@ -282,8 +282,8 @@ def simulated(model: Any, manifest: dict[str, Any]) -> dict[str, int]:
     """The simulator's figures for ORT's setting (see the module docstring): every graph input
     is the caller's (persistent: parameters, state and the views alike), outputs and
     intermediates are the arena, Reshape-like ops are views, no in-place updates."""
-    from edge.memory.onnx_graph import GraphOptions
-    from edge.memory.simulate import SimOptions, simulate
+    from edge.sim.onnx_graph import GraphOptions
+    from edge.sim.simulate import SimOptions, simulate
     from targets import MemoryTier, Target
 
     big = Target("measurement", "one flat memory", (MemoryTier("ram", "sram", 1 << 40),),

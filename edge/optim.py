@@ -8,6 +8,7 @@ closed form, and the exporter traces the same arithmetic into ONNX. State tensor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise EdgeError(f"unknown optimizer {self.name!r}; valid: {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise EdgeError(f"learning rate must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EdgeError(f"learning rate must be a positive finite number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise EdgeError(f"weight decay must be >= 0 and finite, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise EdgeError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.float32)}
@@ -42,9 +47,11 @@ class OptimConfig:
         return state
 
     def update(
-        self, name: str, p: Tensor, g: Tensor, state: dict[str, Tensor], step: Tensor
+        self, name: str, p: Tensor, g: Tensor, state: dict[str, Tensor], step: Tensor,
+        noise: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One update of parameter `name`; `step` is the 1-based step count (a tensor)."""
+        """One update of parameter `name`; `step` is the 1-based step count (a tensor).
+        `noise` is unused (float updates round deterministically)."""
         m = state[f"m.{name}"]
         if self.name == "sgd":
             g = g + self.weight_decay * p

@@ -11,7 +11,7 @@ Contract:
 * Its live-bytes peak (`live_peak`) is never higher than the input order's; when no candidate
   beats the input order, the input order is kept (an unchanged copy is returned).
 
-Memory model (the simulator's, kept local because export sits below `edge.memory`): a node
+Memory model (the simulator's, kept local because export sits below `edge.sim`): a node
 output is live from the step of its node to the step of its last reader, inclusive; graph
 outputs stay live to the end; graph inputs and initializers belong to the caller and are the
 same bytes in every order, so they are not counted. Sizes come from ONNX shape inference

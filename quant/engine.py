@@ -1,6 +1,6 @@
-"""The quantized training engine `edge.train` runs when `--quant` is int8 or int8-w16.
+"""The quantized training engine `edge.app.train` runs when `--quant` is int8 or int8-w16.
 
-`edge.train` never imports `quant` (lower layers don't reach up): the CLI hands it this
+`edge.app.train` never imports `quant` (lower layers don't reach up): the CLI hands it this
 engine, which has the same five verbs as the float engine there: start, step, tensors (what
 the checkpoint holds: the integer stores and the scales' exponents), resume, encoder (the
 quantized network's forward, which the probe reads).

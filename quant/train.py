@@ -8,7 +8,7 @@
     probe features:  quant_encode(net, qs, x)           (the quantized network's outputs)
                      or dequantized_params(qs) with the float encoder (weights only)
 
-`params` are the float initial parameters (`edge.train.initial_params`); `calib` a few float
+`params` are the float initial parameters (`edge.app.train.initial_params`); `calib` a few float
 view pairs (e.g. the first 4 batches of epoch 0, drawn from their own generator). In integer
 mode `qs.params` are the integer stores (int8 / int16 weights, int32 biases), so the
 checkpoint and `weights_digest(qs.params)` cover exactly what the device holds; the scales

@@ -2,7 +2,7 @@
 
 `load(name_or_path)` returns a `Target`: a catalog name (case-insensitive, see `names()`) or a
 path to a user `.toml` file. The catalog lives in `targets/devices/*.toml`; `catalog()` loads
-all of it. The field names of `Target` and `MemoryTier` are the contract `edge.memory` uses.
+all of it. The field names of `Target` and `MemoryTier` are the contract `edge.sim` uses.
 
 File schema (every figure carries the document it was read from)::
 

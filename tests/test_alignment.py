@@ -11,7 +11,7 @@ from edge import rules
 from edge.alignment import alignment, backprop_grads, cosine, rule_update
 from edge.errors import EdgeError
 from edge.nets import LayerSpec, NetSpec, init_params
-from edge.plot import plot_run
+from edge.app.plot import plot_run
 
 NET = NetSpec(
     "t", (1, 8, 8),

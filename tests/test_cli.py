@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from edge.cli import main
+from edge.app.cli import main
 
 
 def run(capsys, *args):

@@ -17,10 +17,10 @@ import typer
 from typer.testing import CliRunner
 
 import targets
-from edge.commands.export import export_cmd
+from edge.app.commands.export import export_cmd
 from edge.errors import EdgeError
 from edge.step import local_step
-from edge.train import TrainConfig, build, initial_params
+from edge.app.train import TrainConfig, build, initial_params
 from export.bundle import MANIFEST, SCRIPT, STATE_FILE, check_bundle, load_state, write_bundle
 from export.manifest import PARAMS, STATE, Manifest
 

@@ -20,7 +20,7 @@ from edge.nets import init_params, preset
 from edge.optim import OptimConfig
 from edge.rules.clapp_pp import ClappPP
 from edge.step import local_step
-from edge.train import TrainConfig, build, initial_params
+from edge.app.train import TrainConfig, build, initial_params
 from export.layers import layer_step_graphs
 from export.manifest import NEW_PARAMS, PARAMS, STATE, Manifest
 from export.runner import OnnxStepper, Runner, apply_bindings, run_layer_chain

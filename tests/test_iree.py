@@ -13,9 +13,9 @@ import onnx
 import pytest
 import torch
 
-from edge.cli import main
+from edge.app.cli import main
 from edge.errors import EdgeError
-from edge.train import TrainConfig, build, initial_params
+from edge.app.train import TrainConfig, build, initial_params
 from export import iree
 from export.bundle import check_bundle
 from export.manifest import PARAMS, STATE

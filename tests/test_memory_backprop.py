@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from edge.errors import EdgeError
-from edge.memory.backprop import joint_schedule
-from edge.memory.planner import check_no_overlap, plan_schedule
-from edge.memory.schedule import Op, Schedule
-from edge.memory.simulate import SimOptions, compare, simulate, simulate_sequence
+from edge.sim.backprop import joint_schedule
+from edge.sim.planner import check_no_overlap, plan_schedule
+from edge.sim.schedule import Op, Schedule
+from edge.sim.simulate import SimOptions, compare, simulate, simulate_sequence
 from targets import MemoryTier, Target
 
 BIG = Target("big", "room for anything", (MemoryTier("sram", "sram", 1 << 30),), ("fp32",))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from edge import rules
-from edge.memory.onnx_graph import GraphOptions, schedule_from_onnx
-from edge.memory.planner import check_no_overlap, plan_schedule
+from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
+from edge.sim.planner import check_no_overlap, plan_schedule
 from edge.nets import init_params, preset
 from edge.optim import OptimConfig
 from export.layers import layer_step_graphs

@@ -15,11 +15,11 @@ import typer
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from edge.commands.simulate import run_simulation, simulate_cmd
+from edge.app.commands.simulate import run_simulation, simulate_cmd
 from edge.errors import EdgeError
-from edge.memory.onnx_graph import GraphOptions, schedule_from_onnx
-from edge.memory.planner import ArenaPlan, Placement, check_no_overlap, plan_schedule
-from edge.memory.simulate import (
+from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
+from edge.sim.planner import ArenaPlan, Placement, check_no_overlap, plan_schedule
+from edge.sim.simulate import (
     MemoryReport,
     SimOptions,
     max_batch_that_fits,

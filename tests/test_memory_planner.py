@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.memory.inplace import base_op_type, inplace_bindings
-from edge.memory.planner import (
+from edge.sim.inplace import base_op_type, inplace_bindings
+from edge.sim.planner import (
     ArenaPlan,
     Buffer,
     Placement,
@@ -23,8 +23,8 @@ from edge.memory.planner import (
     plan_schedule,
     refined_plan,
 )
-from edge.memory.schedule import Lifetime, Op, Schedule, TensorInfo
-from edge.memory.simulate import SimOptions, simulate
+from edge.sim.schedule import Lifetime, Op, Schedule, TensorInfo
+from edge.sim.simulate import SimOptions, simulate
 from targets import MemoryTier, Target
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from edge import rules
-from edge.cli import main
+from edge.app.cli import main
 from edge.data import default_views, load, two_views
 from edge.errors import EdgeError
 from edge.nets import LayerSpec, layer_backward, layer_forward
-from edge.train import TrainConfig, build, initial_params
+from edge.app.train import TrainConfig, build, initial_params
 from export.bundle import check_bundle, write_bundle
 from export.manifest import PARAMS, STATE
 from export.profile import BANNED_OPS, apply_profile, npu_violations, profile_bundle

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge.cli import main
+from edge.app.cli import main
 from edge.errors import EdgeError
-from edge.train import TrainConfig, build, initial_params
+from edge.app.train import TrainConfig, build, initial_params
 from export import qnn
 from export.manifest import PARAMS, STATE
 from export.profile import apply_profile

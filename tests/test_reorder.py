@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import export.passes as passes
-from edge.memory.onnx_graph import GraphOptions
-from edge.memory.simulate import SimOptions, simulate
+from edge.sim.onnx_graph import GraphOptions
+from edge.sim.simulate import SimOptions, simulate
 from edge.nets import init_params, preset
 from edge.optim import OptimConfig
 from edge.rules.clapp_pp import ClappPP
@@ -197,7 +197,7 @@ def test_sizes_come_from_shape_inference() -> None:
 
 
 def test_export_does_not_import_the_simulator() -> None:
-    """Imports point downward: export sits below edge.memory."""
+    """Imports point downward: export sits below edge.sim."""
     tree = ast.parse(Path(passes.__file__).with_name("reorder.py").read_text())
     mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -1,4 +1,4 @@
-"""Every local rule trains end to end through `edge.train` (digits, a 512-image subset)."""
+"""Every local rule trains end to end through `edge.app.train` (digits, a 512-image subset)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edge.train import TrainConfig, train
+from edge.app.train import TrainConfig, train
 
 
 @pytest.mark.slow

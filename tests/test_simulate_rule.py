@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edge.cli import main
+from edge.app.cli import main
 
 
 def run(capsys, *args):

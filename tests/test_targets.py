@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import targets
-from edge.commands.targets import app
+from edge.app.commands.targets import app
 from edge.errors import EdgeError
 from targets import MemoryTier, Target
 

@@ -7,7 +7,7 @@ import torch
 
 from edge import checkpoint
 from edge.errors import EdgeError
-from edge.train import TrainConfig, train
+from edge.app.train import TrainConfig, train
 
 SMALL = dict(data="digits", subset=256, batch_size=32, width=0.25, net="digits")
 
@@ -64,7 +64,7 @@ def test_resume_refuses_another_run(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = TrainConfig(rule="clapp++", epochs=3, **SMALL)
-    import edge.train as t
+    import edge.app.train as t
 
     real = t.train_step
     calls = {"n": 0}
@@ -130,7 +130,7 @@ def test_alignment_every_measures_only_the_sampled_batches(tmp_path):
     recorded alignment is then exactly alignment() of the initial weights on that batch."""
     from edge.alignment import alignment
     from edge.data import default_views, load, two_views
-    from edge.train import build, epoch_generator, initial_params
+    from edge.app.train import build, epoch_generator, initial_params
 
     cfg = TrainConfig(rule="clapp++", epochs=1, alignment=True, alignment_every=1000, **SMALL)
     r = train(cfg, tmp_path, progress=False)

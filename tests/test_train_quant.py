@@ -5,7 +5,7 @@ import torch
 
 from edge import checkpoint
 from edge.errors import EdgeError
-from edge.train import TrainConfig, train
+from edge.app.train import TrainConfig, train
 from quant.engine import QuantEngine
 
 SMALL = dict(data="digits", subset=256, batch_size=32, width=0.25, net="digits")

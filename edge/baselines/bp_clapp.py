@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edge.nets import NetSpec, layer_forward, layer_params
+from edge.layers import EAGER
+from edge.nets import NetSpec
 from edge.rules.clapp_pp import ClappPP
 
 
@@ -30,12 +31,11 @@ class BPClappPP:
         self.top.check(net)
 
     def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
-        last = len(net.layers) - 1
+        last = len(net.blocks) - 1
         return {k: v for k, v in self.top.init(net, gen).items() if k.startswith(f"rule.{last}.")}
 
     def loss(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Tensor:
-        for i, layer in enumerate(net.layers):
-            w, b = layer_params(params, i)
-            x1 = layer_forward(layer, w, b, x1).y
-            x2 = layer_forward(layer, w, b, x2).y
-        return self.top.layer_loss(len(net.layers) - 1, x1, x2, params, None)
+        x = torch.cat((x1, x2))
+        for i, block in enumerate(net.blocks):
+            x, _ = block.forward(EAGER, i, params, x)
+        return self.top.layer_loss(len(net.blocks) - 1, x, params, None)

@@ -1,6 +1,6 @@
 """Global backprop SSL baseline: SimCLR-style InfoNCE, trained end to end with autograd.
 
-Encoder (the same `NetSpec`) -> global average pool of the last layer -> projection head
+Encoder (the same `NetSpec`, its blocks' eager forward) -> global average pool of the last block -> projection head
 (Linear-ReLU-Linear to 128) -> cosine similarity / temperature 0.1 -> NT-Xent over the 2N
 views of a batch. Not a local rule: every layer's activations stay alive until the backward
 pass, which is exactly the memory a local rule saves.
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edge.nets import NetSpec, layer_forward, layer_params
+from edge.layers import EAGER
+from edge.nets import NetSpec
 
 
 def _linear_init(n_out: int, n_in: int, gen: torch.Generator) -> Tensor:
@@ -57,9 +58,8 @@ class BPInfoNCE:
 
     def loss(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Tensor:
         x = torch.cat([x1, x2])
-        for i, layer in enumerate(net.layers):
-            w, b = layer_params(params, i)
-            x = layer_forward(layer, w, b, x).y
+        for i, block in enumerate(net.blocks):
+            x, _ = block.forward(EAGER, i, params, x)
         h = F.relu(F.linear(gap(x), params["head.0.w"], params["head.0.b"]))
         z = F.normalize(F.linear(h, params["head.1.w"], params["head.1.b"]), dim=1)
         n = x1.shape[0]

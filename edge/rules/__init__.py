@@ -28,10 +28,28 @@ def names() -> list[str]:
     return list(_classes())
 
 
+def hparam_keys(name: str) -> list[str]:
+    """The hyper-parameters rule `name` takes (its constructor's keyword arguments)."""
+    import inspect
+
+    cls = _classes()[name]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    keys = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind in kinds]
+    if name == "bp-clapp++":
+        keys = hparam_keys("clapp++")
+    return keys
+
+
 def get(name: str, **hparams: Any):
     classes = _classes()
     if name not in classes:
         raise EdgeError(f"unknown rule {name!r}; valid: {', '.join(classes)}")
+    valid = hparam_keys(name)
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise EdgeError(f"rule {name!r} has no hyper-parameter {unknown[0]!r}; valid: "
+                        f"{', '.join(valid) or 'none'}")
     try:
         return classes[name](**hparams)
     except TypeError as e:

@@ -1,9 +1,21 @@
-"""The contract every local rule fulfils, and the pooling helpers they share.
+"""The contract every local rule fulfils, and the code pooling the CLAPP family shares.
 
-A local rule sees one layer at a time: that layer's input, its own activations for both
-views, its own parameters and (for direct-feedback rules) a context computed by a forward
-pass. It returns the gradients of its layer-local loss in closed form; the optimizer applies
-them before the next layer runs, so no activation outlives its layer (see `edge.step`).
+A local rule sees one block at a time. The step (`edge.step`) stacks the streams of a batch
+into one tensor (`inputs`: view 1 rows, then view 2 rows, then any stream the rule adds, e.g.
+Forward-Forward's negatives), runs the block forward on it, and asks the rule for the
+gradient of its block-local loss at the block's output y (`output_grads`); the block's own
+closed-form adjoint turns that into parameter gradients. So a rule never touches a layer's
+internals, and no activation outlives its block.
+
+    check(net)                       EdgeError if the rule cannot apply
+    init(net, gen) -> params         the rule's own trainable parameters (`rule.{i}.*`)
+    inputs(x1, x2) -> x              the stacked streams the step runs (default: both views)
+    context(net, ex, params, x)      what the block updates need from a forward pass first
+    output_grads(i, ex, y, params, ctx) -> (loss, dL/dy, {rule param: gradient})
+    next_input(i, y)                 what block i hands block i+1 (default: y)
+    layer_loss(i, y, params, ctx)    the same loss as a differentiable expression (tests
+                                     check the closed form against autograd of it)
+A rule with an integer form also gives `integer_form(net)` (see `edge.rules.hinge`).
 """
 
 from __future__ import annotations
@@ -11,20 +23,23 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from edge.errors import EdgeError
-from edge.nets import LayerOut, LayerSpec, NetSpec
+from edge.layers import AvgPool, GlobalAvgPool
+from edge.layers.base import QT
+from edge.nets import NetSpec
 
 
 class LocalRule:
-    """Base class: subclasses set the class attributes and implement `init` and `layer_grads`."""
+    """Base class: subclasses set the class attributes and implement `init`, `output_grads`
+    and `layer_loss`."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    memory: ClassVar[str]  # what one layer's update must hold
+    memory: ClassVar[str]  # what one block's update must hold
     is_local: ClassVar[bool] = True
+    streams: ClassVar[int] = 2  # rows of the stacked batch per image
     # AdamW. At 1e-3 the hinge rules collapse the deeper layers within an epoch (Adam moves
     # every weight by ~lr per step, and the upper layers' weights are only ~0.06: most units
     # die); 3e-4 learns without collapse (MNIST, see benchmarks/mnist_rules.py).
@@ -34,49 +49,31 @@ class LocalRule:
         """Raise EdgeError if the rule cannot apply to `net`."""
 
     def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
-        """The rule's own trainable parameters (e.g. the predictors B), keyed `rule.{i}.*`."""
         raise NotImplementedError
 
-    def context(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Any:
-        """Anything the layer updates need from a forward pass before the step (default none)."""
+    def inputs(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return torch.cat((x1, x2))
+
+    def context(self, net: NetSpec, ex, params: dict[str, Tensor], x: Tensor) -> Any:
         return None
 
-    def layer_grads(
-        self,
-        i: int,
-        layer: LayerSpec,
-        o1: LayerOut,
-        o2: LayerOut,
-        params: dict[str, Tensor],
-        ctx: Any,
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """Closed-form gradients of layer i's loss (keyed by parameter name) and that loss."""
-        raise NotImplementedError
-
-    def layer_loss(
-        self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any
-    ) -> Tensor:
-        """The same loss as a differentiable expression of the layer outputs (tests check the
-        closed form against autograd of this)."""
+    def output_grads(
+        self, i: int, ex, y: Tensor, params: dict[str, Tensor], ctx: Any
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def next_input(self, i: int, y: Tensor) -> Tensor:
-        """What layer i hands to layer i+1, given its output `y` (default: `y` unchanged).
-        Forward-Forward length-normalises here so the next layer cannot just read goodness."""
         return y
 
-    def next_context(self, i: int, params: dict[str, Tensor], ctx: Any) -> Any:
-        """The context layer i+1 sees, once layer i is done (default: the same context).
-        Forward-Forward pushes its negative samples one layer up here. `params` are the
-        step's incoming parameters, the same ones the views are forwarded with."""
-        return ctx
+    def layer_loss(self, i: int, y: Tensor, params: dict[str, Tensor], ctx: Any) -> Tensor:
+        raise NotImplementedError
 
     def hparams(self) -> dict[str, Any]:
         return {}
 
 
 def pool_kernel(k: int | None, shape: tuple[int, ...], i: int) -> int:
-    """Average-pool kernel for layer i's output `shape` (C, H, W): default gives about 2x2."""
+    """Average-pool kernel for block i's output `shape` (C, H, W): default gives about 2x2."""
     if len(shape) == 1:
         return 1
     h, w = shape[1], shape[2]
@@ -89,22 +86,38 @@ def pool_kernel(k: int | None, shape: tuple[int, ...], i: int) -> int:
     return k
 
 
-def avg_pool(y: Tensor, k: int) -> Tensor:
-    """(N, C, H, W) -> (N, C*H'*W') by non-overlapping k x k averages; (N, F) stays."""
-    if y.dim() == 2:
-        return y
-    return F.avg_pool2d(y, k).flatten(1) if k > 1 else y.flatten(1)
+class Code:
+    """The pooled code z of a block output, flattened: k x k non-overlapping averages
+    (floor crop) of a (C, H, W) map, the global average (`k=None` on a map), or a flat output
+    as it is. Forward and adjoint in float and integer form are the pooling primitives'."""
 
+    def __init__(self, shape: tuple[int, ...], k: int | None):
+        self.pool = None
+        if len(shape) == 3:
+            self.pool = GlobalAvgPool() if k is None else (AvgPool(k) if k > 1 else None)
+        self.shape = shape if self.pool is None else self.pool.out_shape(shape)
 
-def avg_pool_backward(gp: Tensor, y_shape: torch.Size, k: int) -> Tensor:
-    """Adjoint of `avg_pool`: spread each pooled gradient evenly over its k x k window."""
-    if len(y_shape) == 2:
-        return gp
-    n, c, h, w = y_shape
-    hp, wp = h // k, w // k
-    g = gp.view(n, c, hp, wp)
-    if k > 1:
-        g = g.repeat_interleave(k, 2).repeat_interleave(k, 3) / (k * k)
-    if g.shape[2] != h or g.shape[3] != w:  # cells cropped by the floor in avg_pool2d
-        g = F.pad(g, (0, w - g.shape[3], 0, h - g.shape[2]))
-    return g
+    @property
+    def dim(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def forward(self, ex, y: Tensor) -> tuple[Tensor, Any]:
+        z, s = (y, None) if self.pool is None else self.pool.forward(ex, {}, y)
+        return z.flatten(1), (s, z.shape)
+
+    def adjoint(self, ex, saved, gz: Tensor) -> Tensor:
+        s, zshape = saved
+        gz = gz.reshape(zshape)
+        return gz if self.pool is None else self.pool.adjoint(ex, {}, s, gz, True)[1]
+
+    def int_forward(self, ex, y: QT) -> tuple[QT, Any]:
+        z, s = (y, None) if self.pool is None else self.pool.int_forward(ex, "", {}, y)
+        return QT(z.t.flatten(1), z.f), (s, z.t.shape)
+
+    def int_adjoint(self, ex, saved, gz: QT) -> QT:
+        s, zshape = saved
+        gz = QT(gz.t.reshape(zshape), gz.f, gz.c)
+        return gz if self.pool is None else self.pool.int_adjoint(ex, "", {}, s, gz, True)[1]

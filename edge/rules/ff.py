@@ -1,6 +1,6 @@
 """Forward-Forward (Hinton 2022), unsupervised: real images score high goodness, hybrids low.
 
-Goodness of one sample's layer output y (after ReLU and max-pool), F = its number of units:
+Goodness of one sample's block output y, F = its number of units:
   g(y) = mean_f y_f^2          (the mean, not Hinton's sum, so one scale fits every width)
 Per layer, both views as positives and one negative per image (n_i, built from image i).
 The default loss is SymBa's (Lee & Song 2023, arXiv 2303.08418): each positive against its
@@ -15,10 +15,10 @@ At initialisation here the hybrids' goodness is above the views' and both are ab
 so the threshold loss spends its first updates pushing every unit's activity down (and the
 features degrade as it trains); SymBa only asks for the gap, whatever the level.
 Closed form: per sample, dL/dg of each stream (`_loss_and_dg`; for SymBa the negative's is
-minus the two views' together), dL/dy = dL/dg * 2 y / F, then this layer's max-pool, ReLU
-and Hebbian product (`edge.nets.layer_backward`), summed over the three streams.
+minus the two views' together), dL/dy = dL/dg * 2 y / F, then the block's own adjoint (one
+call over all three streams: the weight gradient sums over their rows).
 
-Negatives (built in `context`): the hybrid xn_i = m_i * x1_i + (1 - m_i) * x2_{i-1} of image
+Negatives (a third stream, built in `inputs`): the hybrid xn_i = m_i * x1_i + (1 - m_i) * x2_{i-1} of image
 i's first view and image i-1's second view (the batch rolled by one), through a smooth mask as
 in Hinton's paper: a random binary image blurred `blur` times by [1/4, 1/2, 1/4] along both
 axes, thresholded at 0.5. The masks are a fixed bank of `masks` drawn once per input size from
@@ -26,11 +26,9 @@ axes, thresholded at 0.5. The masks are a fixed bank of `masks` drawn once per i
 inputs (no generator state to checkpoint, a constant in an exported graph), and the shuffled
 batches still pair every mask with ever new images.
 
-Each layer hands on its output length-normalised, y / sqrt(mean_f y_f^2 + eps) (`next_input`),
-so the next layer sees the direction of the activity but not its goodness. The negatives go up
-the same way: the context holds the negative's `LayerOut` at the current layer and
-`next_context` forwards it one layer further, once per layer, with the same weights the views
-use.
+Each block hands on its output length-normalised, y / sqrt(mean_f y_f^2 + eps) (`next_input`),
+so the next block sees the direction of the activity but not its goodness. The negatives go up
+the same way: they are rows of the same stacked batch, forwarded with the same weights.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edge.errors import EdgeError
-from edge.nets import LayerOut, LayerSpec, NetSpec, layer_backward, layer_forward, layer_params
+from edge.nets import NetSpec
 from edge.rules.base import LocalRule
 
 EPS = 1e-6
@@ -66,10 +64,11 @@ def blur_masks(k: int, h: int, w: int, blur: int, gen: torch.Generator) -> Tenso
 class ForwardForward(LocalRule):
     name = "ff"
     description = "Forward-Forward (unsupervised): real views out-score hybrid negatives"
-    memory = "layer input and output of both views and of the negatives (3 streams); no predictor"
+    memory = "block input and output of both views and of the negatives (3 streams); no predictor"
+    streams = 3
     # AdamW at the base rate (3e-4). With Hinton's threshold loss the features degraded the
-    # longer it trained (MNIST, 1 epoch of 10k, batch 16: 97.45 % at 3e-5, 96.90 % at 1e-4,
-    # random 97.41 %); with SymBa they improve at 3e-4 (97.66 %), and degrade at 1e-3.
+    # longer it trained (MNIST, 1 epoch of 10k, batch 16); with SymBa they improve at 3e-4,
+    # and degrade at 1e-3 (benchmarks/mnist_rules.py).
 
     def __init__(
         self,
@@ -115,50 +114,26 @@ class ForwardForward(LocalRule):
         return self._bank[(h, w)]
 
     def negatives(self, x1: Tensor, x2: Tensor) -> Tensor:
+        if x1.dim() != 4:
+            raise EdgeError("ff builds its negatives from image inputs (N, C, H, W)")
         n, _, h, w = x1.shape
         m = self.mask_bank(int(h), int(w))  # plain ints: traced shapes would miss the cache
         m = m[torch.arange(n) % self.masks].to(x1.dtype)
         return m * x1 + (1 - m) * torch.roll(x2, 1, 0)
 
-    def context(self, net: NetSpec, params: dict[str, Tensor], x1: Tensor, x2: Tensor) -> Any:
-        """The negatives' pass through layer 0; `next_context` carries it up."""
-        w, b = layer_params(params, 0)
-        neg = layer_forward(net.layers[0], w, b, self.negatives(x1, x2))
-        return {"layers": net.layers, "i": 0, "neg": neg}
+    def inputs(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return torch.cat((x1, x2, self.negatives(x1, x2)))
 
     def next_input(self, i: int, y: Tensor) -> Tensor:
         dims = tuple(range(1, y.dim()))
         return y / (y.pow(2).mean(dims, keepdim=True) + EPS).sqrt()
 
-    def next_context(self, i: int, params: dict[str, Tensor], ctx: Any) -> Any:
-        layers = ctx["layers"]
-        if i + 1 == len(layers):
-            return ctx
-        w, b = layer_params(params, i + 1)
-        x = self.next_input(i, ctx["neg"].y)
-        return {"layers": layers, "i": i + 1, "neg": layer_forward(layers[i + 1], w, b, x)}
-
-    def layer_grads(
-        self,
-        i: int,
-        layer: LayerSpec,
-        o1: LayerOut,
-        o2: LayerOut,
-        params: dict[str, Tensor],
-        ctx: Any,
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        if ctx["i"] != i:
-            raise EdgeError(f"ff: layer {i} got the negatives of layer {ctx['i']}; the step "
-                            "must call rule.next_context after each layer (see LocalRule)")
-        n, outs = o1.y.shape[0], (o1, o2, ctx["neg"])
-        loss, dgs = self._loss_and_dg([goodness(o.y) for o in outs])
-        gws, gbs = [], []
-        for o, dg in zip(outs, dgs, strict=True):
-            gy = (dg / n).view(-1, *([1] * (o.y.dim() - 1))) * (2 / o.y[0].numel()) * o.y
-            gw, gb = layer_backward(layer, o, gy)
-            gws.append(gw)
-            gbs.append(gb)
-        return {f"enc.{i}.w": sum(gws), f"enc.{i}.b": sum(gbs)}, loss
+    def output_grads(self, i, ex, y, params, ctx):
+        n = y.shape[0] // 3
+        loss, dgs = self._loss_and_dg(list(goodness(y).split(n)))
+        dg = torch.cat(dgs) / n
+        gy = dg.view(-1, *([1] * (y.dim() - 1))) * (2 / y[0].numel()) * y
+        return loss, gy, {}
 
     def _loss_and_dg(self, g: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The loss from the goodness of the three streams (views 1, 2, negatives) and, per
@@ -174,9 +149,6 @@ class ForwardForward(LocalRule):
         d1, d2 = 0.5 * a * torch.sigmoid(m1), 0.5 * a * torch.sigmoid(m2)
         return loss, [-d1, -d2, d1 + d2]
 
-    def layer_loss(
-        self, i: int, y1: Tensor, y2: Tensor, params: dict[str, Tensor], ctx: Any
-    ) -> Tensor:
-        w, b = layer_params(params, i)
-        yn = layer_forward(ctx["layers"][i], w, b, ctx["neg"].x).y
-        return self._loss_and_dg([goodness(y1), goodness(y2), goodness(yn)])[0]
+    def layer_loss(self, i, y, params, ctx):
+        n = y.shape[0] // 3
+        return self._loss_and_dg(list(goodness(y).split(n)))[0]

@@ -1,29 +1,57 @@
-"""The contrastive bilinear hinge shared by the CLAPP family, with its closed-form gradients.
+"""The contrastive bilinear hinge of the CLAPP family: float closed form and integer form.
 
-Anchor z (what the layer outputs for one view) predicts context c (the other view, detached)
-through a bilinear score u = z^T B c. Positive pair: the two views of image i. Negative: the
-anchor of image i against the context of image i+1 (mod N). Both views serve as anchor:
+Anchor z (one view's pooled code of a block's output) predicts context c (the other view, or
+the top block's code, detached) through a bilinear score u = z^T B c. Positive pair: the two
+views of image i. Negative: the anchor of image i against the context of image i+1 (mod N).
+Both views serve as anchor:
 
     L = 1/(2N) sum_i [ relu(1 - z1_i^T B c2_i) + relu(1 + z1_i^T B c2_{i+1})
                      + relu(1 - z2_i^T B c1_i) + relu(1 + z2_i^T B c1_{i+1}) ]
 
-Three factors make the update: the per-sample modulator m = dL/du (a step function of the
-score: -1/(2N) while a positive scores below 1, +1/(2N) while a negative scores above -1), the
-prediction B c, and the Hebbian outer product:
+Three factors make the update: the per-sample modulator m = dL/du (-1/(2N) while a positive
+scores below 1, +1/(2N) while a negative scores above -1), the prediction B c, and the
+Hebbian outer product:
 
     dL/dz_i = sum_terms m * B c          dL/dB = sum_terms m * z c^T
 
-B is either `full` (D x Dc) or low rank B = U V^T (U: D x r, V: Dc x r), whose gradients are
-dL/dU = (dL/dB) V and dL/dV = (dL/dB)^T U, computed without forming dL/dB.
+B is `full` (D x Dc) or low rank B = U V^T (U: D x r, V: Dc x r): dL/dU = (dL/dB) V and
+dL/dV = (dL/dB)^T U, computed without forming dL/dB.
+
+`HingeRule` is the family's shared machinery: a rule file sets how each block's code is pooled
+(`code_kernel`) and which hinge terms it sums (`terms`: predictor key prefix and context,
+"same" = this block's other view, "top" = the top block's code from a forward pass before the
+step). Its integer form (`IntHinge`) runs the same terms in integer arithmetic:
+
+  q   = requant_8(c B^T)                 int8; low rank: t = requant_8(c V), q = requant_8(t U^T)
+  u   = sum_d z_d q_d                    int32 at f_z + f_q: real u < 1 iff u < 2^(f_z + f_q)
+  m   = -1 / 0 / +1                      exact integer comparisons against that threshold
+  gz  = sum over terms of m q            aligned to the finest term exponent F (exact shifts)
+  e   = stochastic_shift(gz, s)          int8 at F - s, s = ceil(log2 sum_t 2 * 2^(F - f_t)):
+                                         no saturation possible; static factor c = 1/(2N)
+  gB  = A^T C (A = rows m z, C contexts) int32 saturating;  low rank: gU = Z^T (m T),
+                                         gV = C^T requant_8(m (Z U))
+Every requant_8 rounds half to even, clips to [-127, 127], and takes its exponent from the
+plan (calibrated: the maximum over the calibration batch, one bit of headroom). The 1/(2N)
+and the code's 1/k^2 live in the gradients' static factors, never in the integers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from edge.errors import EdgeError
+from edge.layers import intops
+from edge.layers.base import QT
+from edge.nets import NetSpec
+from edge.rules.base import Code, LocalRule
+
+PREDICTORS = ("auto", "full", "lowrank")
+Term = tuple[str, str]  # (predictor key prefix, context: "same" | "top")
 
 
 def predictor_keys(kind: str) -> tuple[str, ...]:
@@ -99,3 +127,197 @@ def hinge_grads(
     else:
         gP = {"U": a.t() @ (c @ P["V"]), "V": c.t() @ (a @ P["U"])}
     return loss, gz[0], gz[1], gP
+
+
+class HingeRule(LocalRule):
+    """The CLAPP family: a hinge (or two) at every block's pooled code (see the module
+    docstring). Subclasses set `terms` and `code_kernel`."""
+
+    terms: ClassVar[tuple[Term, ...]] = (("", "same"),)
+    predictor: str = "full"
+    rank: int = 64
+
+    def code_kernel(self, i: int, shape: tuple[int, ...], n_blocks: int) -> int | None:
+        """Average-pool kernel of block i's code; None: the global average."""
+        raise NotImplementedError
+
+    @property
+    def needs_top(self) -> bool:
+        return any(ctx == "top" for _, ctx in self.terms)
+
+    def check(self, net: NetSpec) -> None:
+        if self.needs_top and len(net.blocks) < 2:
+            raise EdgeError(
+                f"{self.name} needs at least 2 layers (each layer predicts the top one), got 1; "
+                "use clapp++ or clapp, or a deeper --net"
+            )
+        shapes = net.shapes()
+        self.codes = [Code(s, self.code_kernel(i, s, len(shapes))) for i, s in enumerate(shapes)]
+
+    def predictor_dims(self, i: int) -> dict[str, tuple[int, int]]:
+        """Key prefix -> (D, Dc) of every predictor of block i."""
+        d = self.codes[i].dim
+        return {p: (d, self.codes[-1].dim if ctx == "top" else d) for p, ctx in self.terms}
+
+    def init(self, net: NetSpec, gen: torch.Generator) -> dict[str, Tensor]:
+        self.check(net)
+        params = {}
+        for i in range(len(self.codes)):
+            for prefix, (d, dc) in self.predictor_dims(i).items():
+                kind = choose_kind(self.predictor, d, dc, self.rank)
+                for key, t in init_predictor(kind, d, dc, self.rank, gen).items():
+                    params[f"rule.{i}.{prefix}{key}"] = t
+        return params
+
+    def _pred(self, i: int, prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        keys = (f"rule.{i}.{prefix}{k}" for k in ("B", "U", "V"))
+        return {key.rsplit(".", 1)[1]: params[key] for key in keys if key in params}
+
+    def context(self, net: NetSpec, ex, params: dict[str, Tensor], x: Tensor) -> Any:
+        """Both views' top-block codes (stacked, detached) from a forward pass with the
+        incoming weights, if a term needs them."""
+        if not self.needs_top:
+            return None
+        with torch.no_grad():
+            for i, b in enumerate(net.blocks):
+                x, _ = b.forward(ex, i, params, x)
+            return self.codes[-1].forward(ex, x)[0].detach()
+
+    def _contexts(self, kind: str, z: Tensor, ctx: Any) -> Tensor:
+        return z.detach() if kind == "same" else ctx
+
+    def output_grads(self, i, ex, y, params, ctx):
+        code = self.codes[i]
+        z, zs = code.forward(ex, y)
+        n = z.shape[0] // 2
+        loss, gz1, gz2, grads = z.new_zeros(()), 0, 0, {}
+        for prefix, kind in self.terms:
+            c = self._contexts(kind, z, ctx)
+            term, g1, g2, gP = hinge_grads(z[:n], z[n:], c[:n], c[n:], self._pred(i, prefix, params))
+            loss, gz1, gz2 = loss + term, gz1 + g1, gz2 + g2
+            grads.update({f"rule.{i}.{prefix}{k}": g for k, g in gP.items()})
+        return loss, code.adjoint(ex, zs, torch.cat((gz1, gz2))), grads
+
+    def layer_loss(self, i, y, params, ctx):
+        from edge.layers import EAGER
+
+        z = self.codes[i].forward(EAGER, y)[0]
+        n = z.shape[0] // 2
+        total = z.new_zeros(())
+        for prefix, kind in self.terms:
+            c = self._contexts(kind, z, ctx)
+            total = total + hinge_loss(z[:n], z[n:], c[:n], c[n:], self._pred(i, prefix, params))
+        return total
+
+    def integer_form(self, net: NetSpec) -> IntHinge:
+        self.check(net)
+        return IntHinge(self)
+
+
+def threshold(e: int) -> tuple[int, int]:
+    """(thr, unit): real u < 1 iff u_int * unit < thr, for u_int at scale 2^-e."""
+    return (1 << e, 1) if e >= 0 else (1, 1 << -e)
+
+
+def requant8(ex, key: str, acc: QT, headroom: int = 1) -> QT:
+    """An accumulator requantized to int8 [-127, 127] at its plan exponent."""
+    f = ex.int8_exponent(key, acc, headroom)
+    t = intops.saturate(intops.round_shift(intops.widen(acc.t), acc.f - f), -127, 127)
+    return QT(t.to(torch.int8), f)
+
+
+def _roll(x: Tensor) -> Tensor:
+    return torch.roll(x, -1, 0)  # row i gets row i+1 (mod N): the negative pairs
+
+
+class IntHinge:
+    """The integer form of a `HingeRule` (module docstring); the step interface over QT."""
+
+    streams = 2
+
+    def __init__(self, rule: HingeRule):
+        self.rule, self.name = rule, rule.name
+
+    def inputs(self, x1: QT, x2: QT) -> QT:
+        return QT(torch.cat((x1.t, x2.t)), x1.f)
+
+    def next_input(self, i: int, y: QT) -> QT:
+        return y
+
+    def context(self, net: NetSpec, ex, params: dict[str, Tensor], x: QT) -> QT | None:
+        if not self.rule.needs_top:
+            return None
+        for i, b in enumerate(net.blocks):
+            x, _ = b.forward(ex, i, params, x)
+        return self.rule.codes[-1].int_forward(ex, x)[0]
+
+    def _predict(self, ex, key: str, P: dict[str, QT], c: QT) -> tuple[QT, QT | None]:
+        if "B" in P:
+            return requant8(ex, key + "q", QT(intops.int_matmul(c.t, P["B"].t.t()),
+                                               c.f + P["B"].f)), None
+        t = requant8(ex, key + "t", QT(intops.int_matmul(c.t, P["V"].t), c.f + P["V"].f))
+        q = requant8(ex, key + "q", QT(intops.int_matmul(t.t, P["U"].t.t()), t.f + P["U"].f))
+        return q, t
+
+    def output_grads(self, i, ex, y: QT, params, ctx):
+        code = self.rule.codes[i]
+        z, zs = code.int_forward(ex, y)
+        n = z.t.shape[0] // 2
+        z1, z2 = z.t[:n], z.t[n:]
+        grads: dict[str, QT] = {}
+        loss = torch.zeros((), dtype=torch.float64)
+        parts = []  # (gz per view (2N, D) int64, its exponent)
+        for prefix, kind in self.rule.terms:
+            c = z if kind == "same" else ctx
+            key = f"rule.{i}.{prefix}"
+            P = ex.rule_params(key, params)
+            q, t = self._predict(ex, key, P, c)
+            q1, q2 = q.t[:n], q.t[n:]
+            c1, c2 = c.t[:n], c.t[n:]
+            thr, unit = threshold(z.f + q.f)
+            anchors, preds = (z1, z1, z2, z2), (q2, _roll(q2), q1, _roll(q1))
+            gz = [torch.zeros(intops.dims(z1), dtype=torch.int64) for _ in range(2)]
+            signs, term_loss = [], torch.zeros((), dtype=torch.int64)
+            for j, (a, p) in enumerate(zip(anchors, preds, strict=True)):
+                p = intops.widen(p)
+                u = (intops.widen(a) * p).sum(1) * unit
+                margin = thr - u if j % 2 == 0 else thr + u
+                m = (margin > 0).to(torch.int64)
+                m = -m if j % 2 == 0 else m  # positives: -1 while u < 1; negatives: +1
+                term_loss = term_loss + torch.clamp(margin, min=0).sum()
+                gz[j // 2] = gz[j // 2] + m[:, None] * p
+                signs.append(m)
+            loss = loss + term_loss.to(torch.float64) / (thr * 2 * n)
+            parts.append((torch.cat(gz), q.f))
+            M = torch.cat(signs)[:, None]
+            C = torch.cat((c2, _roll(c2), c1, _roll(c1)))
+            s = 1.0 / (2 * n)
+            if "B" in P:  # A^T C = (rows m = +1)^T C - (rows m = -1)^T C, 8-bit operands
+                act = [intops.narrow(intops.widen(a) * m.abs()[:, None], a.dtype)
+                       for a, m in zip(anchors, signs, strict=True)]
+                blocks = [C[j * n : (j + 1) * n] for j in range(4)]
+                up = intops.int_matmul(torch.cat((act[1], act[3])).t(),
+                                       torch.cat((blocks[1], blocks[3])))
+                down = intops.int_matmul(torch.cat((act[0], act[2])).t(),
+                                         torch.cat((blocks[0], blocks[2])))
+                grads[key + "B"] = QT(intops.saturate32(up - down), z.f + c.f, s)
+            else:  # A U = m (Z U) and A^T T = Z^T (m T): the sign moves onto an 8-bit factor
+                Z = torch.cat(anchors)
+                t1, t2 = t.t[:n], t.t[n:]
+                T = torch.cat((t2, _roll(t2), t1, _roll(t1)))
+                au = requant8(ex, key + "au", QT(M * intops.int_matmul(Z, P["U"].t),
+                                                 z.f + P["U"].f), headroom=0)
+                mt = intops.narrow(M * intops.widen(T), torch.int8)
+                grads[key + "U"] = QT(intops.saturate32(intops.int_matmul(Z.t(), mt)),
+                                      z.f + t.f, s)
+                grads[key + "V"] = QT(intops.saturate32(intops.int_matmul(C.t(), au.t)),
+                                      c.f + au.f, s)
+        top = max(f for _, f in parts)
+        gz = None
+        for g, f in parts:
+            g = g * (1 << (top - f))
+            gz = g if gz is None else gz + g
+        shift = math.ceil(math.log2(sum(2 * 2 ** (top - f) for _, f in parts)))
+        e = intops.stochastic_shift(gz, shift, ex.noise(f"err.{i}.z", gz))
+        e = QT(intops.saturate(e, -127, 127).to(torch.int32), top - shift, 1.0 / (2 * n))
+        return loss.float(), code.int_adjoint(ex, zs, e), grads

@@ -17,9 +17,9 @@ from onnx import ModelProto
 from rich.console import Console
 
 from edge.errors import EdgeError
-from edge.memory.onnx_graph import GraphOptions
-from edge.memory.report import plot_timeline, render_code_size, render_table
-from edge.memory.simulate import (
+from edge.sim.onnx_graph import GraphOptions
+from edge.sim.report import plot_timeline, render_code_size, render_table
+from edge.sim.simulate import (
     POLICIES,
     MemoryReport,
     SimOptions,
@@ -94,7 +94,7 @@ def per_layer_report(
     persistent: str, inplace: bool,
 ) -> MemoryReport:
     """The per-layer graphs run one after another (the what-if beside the whole step)."""
-    from edge.memory.onnx_graph import schedule_from_onnx
+    from edge.sim.onnx_graph import schedule_from_onnx
 
     schedules = [schedule_from_onnx(m, sim_options(manifest=view, batch=batch).graph)
                  for m, view in layers]
@@ -150,7 +150,7 @@ def simulate_cmd(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG timeline.")] = None,
 ) -> None:
     """Simulate a graph on a device: fits?, peak, arena plan, and where every tensor lives."""
-    from edge.commands import sim_sources
+    from edge.app.commands import sim_sources
 
     bp_report = None
     try:

@@ -15,7 +15,7 @@ takes any W. Tensors that qualify cost no extra bytes; `planner.schedule_buffers
 
 from __future__ import annotations
 
-from edge.memory.schedule import Schedule
+from edge.sim.schedule import Schedule
 
 ELEMENTWISE = frozenset(
     {

@@ -2,7 +2,7 @@
 
 For a rule, the local step is exported exactly as `edge export` would (fp32, AdamW), and the
 backprop side is the same network trained with BP-InfoNCE, traced through autograd into its
-real forward+backward graph (`edge.memory.backprop.joint_schedule`), never a formula.
+real forward+backward graph (`edge.sim.backprop.joint_schedule`), never a formula.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import onnx
 import torch
 
-from edge.commands import IN_SHAPES
+from edge.app.commands import IN_SHAPES
 from edge.errors import EdgeError
-from edge.memory.schedule import Schedule
+from edge.sim.schedule import Schedule
 
 
 def from_bundle(bundle: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -81,7 +81,7 @@ def from_rule(
 
 def backprop_schedule(data: str, net_name: str | None, width: float, batch: int) -> Schedule:
     """BP-InfoNCE on the same network: one SGD step, traced through autograd."""
-    from edge.memory.backprop import joint_schedule
+    from edge.sim.backprop import joint_schedule
 
     net, rule, params = _net_rule("bp-infonce", data, net_name, width)
     names = list(params)

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edge.commands import IN_SHAPES, parse_hparams
+from edge.app.commands import IN_SHAPES, parse_hparams
 from edge.errors import EdgeError
 
 
@@ -83,7 +83,7 @@ def export_cmd(
         manifest = check_bundle(check)
         _print({"bundle": str(check), "ok": True, **summary(manifest)}, as_json)
         return
-    from edge.train import TrainConfig, build, initial_params
+    from edge.app.train import TrainConfig, build, initial_params
 
     if data not in IN_SHAPES:
         raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
@@ -120,7 +120,7 @@ def export_cmd(
     state, program = opt.init_state(params), None
     if quant != "fp32":
         from edge.data import default_views, load
-        from edge.train import calibration
+        from edge.app.train import calibration
         from export.integer import integer_start
 
         calib = calibration(cfg, load(data, data_dir), default_views(data))
@@ -141,6 +141,6 @@ def export_cmd(
     iree = result.pop("iree", None)
     _print(result, as_json)
     if iree is not None:
-        from edge.memory.report import render_code_size
+        from edge.sim.report import render_code_size
 
         render_code_size(iree)

@@ -29,15 +29,15 @@ from typing import Any
 from onnx import ModelProto
 
 from edge.errors import EdgeError
-from edge.memory.onnx_graph import GraphOptions, load_model, schedule_from_onnx
-from edge.memory.planner import (
+from edge.sim.onnx_graph import GraphOptions, load_model, schedule_from_onnx
+from edge.sim.planner import (
     DEFAULT_ALIGNMENT,
     ArenaPlan,
     align_up,
     check_no_overlap,
     plan_schedule,
 )
-from edge.memory.schedule import CATEGORIES, PERSISTENT, Schedule, TensorInfo
+from edge.sim.schedule import CATEGORIES, PERSISTENT, Schedule, TensorInfo
 from targets import MemoryTier, Target
 
 POLICIES = ("auto", "sram", "flash", "dram")

@@ -10,8 +10,8 @@ Steps:
    `onnx.shape_inference.infer_shapes(strict_mode=True, data_prop=True)`; if strict inference
    fails we retry non-strict and keep a note. Shapes inference cannot derive (run-time shape
    arithmetic such as Shape -> Range) are measured by one onnxruntime run on zeros
-   (`measure`, see `edge.memory.measure`). A tensor still unsized -> an `EdgeError` naming the
-   tensor and the `dims` entry that would fix it. Sizes themselves: `edge.memory.onnx_sizes`.
+   (`measure`, see `edge.sim.measure`). A tensor still unsized -> an `EdgeError` naming the
+   tensor and the `dims` entry that would fix it. Sizes themselves: `export.onnx_sizes`.
 3. Execution order is the node order (ONNX requires it to be topological; we check it).
 4. Categories: initializers are parameters (optimizer state when listed in `state_names`); graph
    inputs are parameters / optimizer state when listed in the manifest (`param_names`,
@@ -37,9 +37,9 @@ import onnx
 from onnx import GraphProto, ModelProto, TypeProto
 
 from edge.errors import EdgeError
-from edge.memory.measure import measure_shapes
-from edge.memory.onnx_sizes import BATCH_FIRST_RE, Sizer, body_cost, graph_types, subgraphs
-from edge.memory.schedule import Op, Schedule, TensorInfo
+from edge.sim.measure import measure_shapes
+from export.onnx_sizes import BATCH_FIRST_RE, Sizer, body_cost, graph_types, subgraphs
+from edge.sim.schedule import Op, Schedule, TensorInfo
 
 _STATE_RE = re.compile(r"(momentum|velocity|exp_avg|moment|adam|optim|(^|[._/])(m|v)\d*$)", re.I)
 _PARAM_RE = re.compile(r"(weight|bias|kernel|gamma|beta|running_|param|(^|[._/])(w|b)\d*$)", re.I)
@@ -185,7 +185,7 @@ def _infer(model: ModelProto, notes: list[str]) -> ModelProto:
 
 
 def _size_node_outputs(
-    g: GraphProto, types: Mapping[str, TypeProto], size: Sizer, readers: set[str],
+    g: GraphProto, types: Mapping[str, TypeProto], size, readers: set[str],
     model: ModelProto | None, notes: list[str],
 ) -> dict[str, TensorInfo | None]:
     """Size every node output; measure the ones inference left unknown (see `measure`)."""
@@ -233,7 +233,11 @@ def schedule_from_onnx(
     notes: list[str] = []
     g = _infer(model_copy, notes).graph
     types = graph_types(g)
-    size = Sizer(resolved)
+    sizer = Sizer(resolved)
+
+    def size(name: str, tp: TypeProto | None, writer: str) -> TensorInfo | None:
+        s = sizer(name, tp, writer)
+        return None if s is None else TensorInfo(s.name, s.nbytes, "activation", s.shape, s.dtype)
 
     input_names = [i.name for i in g.input if i.name not in inits]
     output_names = [o.name for o in g.output]
@@ -273,7 +277,7 @@ def schedule_from_onnx(
         refs = [i for i in node.input if i]
         scratch = 0
         for sub in subgraphs(node):
-            cost, outer = body_cost(sub, size)
+            cost, outer = body_cost(sub, sizer)
             scratch += cost
             refs += sorted(outer & (defined | produced_later))
         for name in refs:

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edge.errors import EdgeError
-from edge.memory.schedule import CATEGORIES, PERSISTENT
-from edge.memory.simulate import MemoryReport
+from edge.sim.schedule import CATEGORIES, PERSISTENT
+from edge.sim.simulate import MemoryReport
 
 _COLORS = {
     "parameter": "#4c72b0", "optimizer_state": "#8172b3", "input": "#55a868",

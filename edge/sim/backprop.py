@@ -27,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
 from edge.errors import EdgeError
-from edge.memory.schedule import Op, Schedule, TensorInfo
+from edge.sim.schedule import Op, Schedule, TensorInfo
 
 _EXTRA_VIEWS = frozenset({"_unsafe_view", "_reshape_alias", "lift_fresh", "alias"})
 

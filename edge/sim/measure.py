@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from edge.memory.schedule import TensorInfo
+from edge.sim.schedule import TensorInfo
 
 
 def _zeros_for(vi: onnx.ValueInfoProto) -> np.ndarray:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge import __version__, checkpoint, rules
-from edge.commands import parse_hparams
+from edge.app.commands import parse_hparams
 from edge.errors import EdgeError
 
 app = typer.Typer(
@@ -95,8 +95,8 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train an encoder with a learning rule, then linear-probe it."""
-    from edge.train import TrainConfig
-    from edge.train import train as run
+    from edge.app.train import TrainConfig
+    from edge.app.train import train as run
 
     cfg = TrainConfig(
         rule=rule,
@@ -233,7 +233,7 @@ def plot(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Draw a run's training curve (and alignment, if recorded) as PNG beside it."""
-    from edge.plot import plot_run
+    from edge.app.plot import plot_run
 
     paths = [str(p) for p in plot_run(run_dir)]
     if as_json:
@@ -269,8 +269,8 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """CLAPP++ and backprop InfoNCE on scikit-learn's digits, probed beside a random encoder."""
-    from edge.train import TrainConfig
-    from edge.train import train as run
+    from edge.app.train import TrainConfig
+    from edge.app.train import train as run
 
     base = out or Path(tempfile.mkdtemp(prefix="edge-demo-"))
     results = {}
@@ -308,12 +308,12 @@ def demo(
 
 
 def _mount_subcommands() -> None:
-    """Sub-apps that live in edge.commands (one module per command family)."""
-    from edge.commands.targets import app as targets_app
+    """Sub-apps that live in edge.app.commands (one module per command family)."""
+    from edge.app.commands.targets import app as targets_app
 
     app.add_typer(targets_app, name="targets", help="Device targets: list | show.")
-    from edge.commands.export import export_cmd
-    from edge.commands.simulate import simulate_cmd
+    from edge.app.commands.export import export_cmd
+    from edge.app.commands.simulate import simulate_cmd
 
     app.command(name="simulate")(simulate_cmd)
     app.command(name="export")(export_cmd)

@@ -1,6 +1,9 @@
 """Sizes of ONNX values: element bits, shapes with named dims, and If/Loop/Scan bodies.
 
-`Sizer` turns a value's TypeProto into a `TensorInfo`, resolving symbolic dims from the
+The one memory model of an ONNX value, shared by the exporter's memory-aware node order
+(`export.reorder`) and the simulator (`edge.sim`), which sits above the exporter.
+
+`Sizer` turns a value's TypeProto into a `Sized` (name, bytes, shape, dtype), resolving symbolic dims from the
 options (and failing with the option that would fix it). `body_cost` sizes a control-flow
 body conservatively: the sum of every tensor it writes (recursively), plus the names of the
 outer-scope values it reads, which must stay live until the node runs.
@@ -11,12 +14,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import onnx
 from onnx import AttributeProto, GraphProto, TypeProto
 
 from edge.errors import EdgeError
-from edge.memory.schedule import TensorInfo
+
+
+class Sized(NamedTuple):
+    name: str
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
 
 BATCH_FIRST_RE = re.compile(r"^(n|b|bs|batch.*|.*_batch(_size)?|unk__\d+)$", re.I)
 
@@ -43,7 +54,7 @@ class Sizer:
     def __init__(self, resolved: Mapping[str, int]):
         self.resolved = resolved
 
-    def __call__(self, name: str, tp: TypeProto | None, writer: str) -> TensorInfo | None:
+    def __call__(self, name: str, tp: TypeProto | None, writer: str) -> Sized | None:
         kind = tp.WhichOneof("value") if tp is not None else None
         if kind not in (None, "tensor_type"):
             raise EdgeError(f"{name!r} ({writer}) is an ONNX {kind.removesuffix('_type')} value; "
@@ -65,7 +76,7 @@ class Sizer:
                     fix += " or the batch size (--batch N)"
                 raise EdgeError(f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; "
                                 f"{fix}")
-        return TensorInfo(name, nbytes_of(shape, bits), "activation", tuple(shape), dtype)
+        return Sized(name, nbytes_of(shape, bits), tuple(shape), dtype)
 
 
 def graph_types(g: GraphProto) -> dict[str, TypeProto]:

@@ -6,10 +6,10 @@ persistent tensors by policy and checks every memory tier, `report` prints and p
 `backprop` imports torch and is not imported here.
 """
 
-from edge.memory.onnx_graph import GraphOptions, schedule_from_onnx
-from edge.memory.planner import ArenaPlan, check_no_overlap, greedy_plan, plan_schedule
-from edge.memory.schedule import CATEGORIES, Op, Schedule, TensorInfo
-from edge.memory.simulate import (
+from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
+from edge.sim.planner import ArenaPlan, check_no_overlap, greedy_plan, plan_schedule
+from edge.sim.schedule import CATEGORIES, Op, Schedule, TensorInfo
+from edge.sim.simulate import (
     MemoryReport,
     SimOptions,
     compare,

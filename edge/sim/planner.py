@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from edge.memory.inplace import inplace_bindings
-from edge.memory.schedule import TRANSIENT, Schedule
+from edge.sim.inplace import inplace_bindings
+from edge.sim.schedule import TRANSIENT, Schedule
 
 DEFAULT_ALIGNMENT = 16
 
@@ -228,7 +228,7 @@ def schedule_buffers(
 ) -> tuple[list[Buffer], dict[str, str]]:
     """Buffers for the tensors of `categories`, with in-place bound outputs folded away.
 
-    A bound output that may update its parameter in place (see `edge.memory.inplace`) costs no
+    A bound output that may update its parameter in place (see `edge.sim.inplace`) costs no
     arena bytes when the parameter lives outside the arena; when the parameter is itself in the
     arena the two merge into one buffer spanning both lifetimes. Returns (buffers, aliases).
     """
