@@ -1,267 +1,263 @@
-"""Calibration: float parameters + a few batches -> a frozen `QuantPlan` and integer parameters.
+"""Calibration: float parameters + a few batches -> a frozen `QuantPlan` and integer stores.
 
-1. Encoder scales from Brevitas (`quant.layers`): input int8, weights int8 (max-based, then
-   `HEADROOM["weight"]` bits coarser: a max-based power-of-two scale puts the largest weight
-   at 64..127, and the first updates that push it outward would clip; one bit of room
-   takes the clip count of the test runs to zero or a few per million updates), layer outputs
-   uint8 (percentile statistics averaged over the batches), all powers of two.
-2. Static bounds: every int32 accumulator of the forward and of the hinge must hold its worst
-   case (fan-in x max|a| x max|b| < 2^31), else EdgeError. (The Hebbian sums over the batch
-   cannot be bounded that way; they saturate at the int32 limits instead.)
-3. Predictor scales from max|B| (with `headroom` bits to grow into), prediction scales from
-   the integer forward of the calibration batches (max |B c|, |c V|, |z U|).
-4. Learning-rate shifts K per parameter tensor. "normalized" (default): K is chosen so that
-   the first updates move each element by about `lr` in real units (rms over the batches),
-   2^-K ~ lr * 2^f_store / rms(G): a per-tensor power-of-two SGD step that stands in for
-   Adam's per-tensor normalisation, fixed at calibration. "sgd": plain SGD at `lr`, K from
-   lr * (gradient scale) / (store scale) = 2^-K.
+Integer mode (`make_plan`). The integer step itself does the work: it runs once, without
+updating anything, over all calibration batches stacked into one batch, with an executor
+(`Calibrator`) that fixes every exponent the first time the step asks for it, from the
+tensor it is about to requantize, and quantizes every parameter the first time it is read:
+
+  input           int8 at f_in from the 99.999th percentile of |x| (the views, normalised)
+  weights         int8, max-based, `HEADROOM["weight"]` bit(s) coarser: a max-based
+                  power-of-two scale puts the largest weight at 64..127, and the first updates
+                  that push it outward would clip
+  biases          int32 at the accumulator's exponent f_x + f_w, bounded so acc + b fits
+  predictors      int8, max-based, `HEADROOM["predictor"]` bits to grow into
+  activations     8-bit at every activation / requantization point from the 99.999th
+                  percentile of the accumulator's real values (saturating above it)
+  int8 points     predictions (B c, c V, m Z U) and inner-block input gradients: max-based,
+                  one bit of headroom (`HEADROOM["prediction"]`, `HEADROOM["error"]`)
+  accumulators    every forward accumulator's worst case (fan-in x max|x| x max|w|) must fit
+                  int32, else EdgeError (the Hebbian sums cannot be bounded that way: they
+                  saturate at the int32 limits)
+Then the learning-rate shifts, per parameter tensor, from the rms of its integer gradient G
+over the calibration batch: "normalized" (default) chooses K so that the first updates move
+each element by about `lr` in real units, 2^-K ~ lr * 2^f_store / rms(G) (a per-tensor
+power-of-two SGD step that stands in for Adam's per-tensor normalisation, fixed at
+calibration); "sgd" is plain SGD at `lr`: 2^-K = lr * grad_scale * 2^f_store (also the
+rule for a tensor whose gradient is all zero on the calibration batch). K stays in K_RANGE.
+
+QAT (`qat_plan`). Any rule: a float forward through the blocks with fake-quantization points,
+exponents set the same way (percentiles of activations, max-based weights and predictors).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from edge.errors import EdgeError
+from edge.layers import EAGER, BatchNorm, Conv, Executor, Linear
+from edge.layers.base import QT
 from edge.nets import NetSpec
-from quant.clapp_int import error_shift, family_layout, integer_form
-from quant.integer import err_key, int_layer_forward, layer_weights, make_noise, window_code
-from quant.layers import build_quant_encoder, calibrate_encoder, encoder_exponents
+from edge.step import local_step
+from quant.integer import IntegerExecutor, quantize_input
 from quant.plan import (
     A_MAX,
     W_MAX,
     X_MAX,
-    LayerPlan,
     ParamPlan,
     QuantPlan,
     bias_plan,
     check_accumulator,
-    dequantize_param,
     quantize_param,
     store_shift,
     weight_plan,
 )
-from quant.spec import INT8_ACT, pow2_exponent, quantize
+from quant.spec import pow2_exponent
 
-HEADROOM = {"weight": 1, "predictor": 2, "prediction": 1}  # bits of room to grow into
-F_LIMIT = 24  # calibrated prediction exponents stay in [-24, 24]
+HEADROOM = {"weight": 1, "predictor": 2, "prediction": 1, "error": 1}  # bits to grow into
+F_LIMIT = 24  # calibrated exponents stay in [-24, 24] (a silent tensor gets a finite scale)
+PERCENTILE = 99.999
 LR_MODES = ("normalized", "sgd")
+K_RANGE = (-8, 40)  # learning-rate shifts: at most 2^8 store units per gradient unit
+SAMPLE = 1 << 20  # values a percentile reads (an even-strided sample of bigger tensors)
 Views = list[tuple[Tensor, Tensor]]
 
 
-def quantize_input(x: Tensor, f_in: int) -> Tensor:
-    """Float (normalised) images -> int8 at scale 2^-f_in, rounded half to even, saturated."""
-    return quantize(x, 2.0**-f_in, 0, INT8_ACT.bits, True, False)
+def percentile(t: Tensor, q: float = PERCENTILE) -> float:
+    """The q-th percentile of |t| (an even-strided sample of at most SAMPLE values)."""
+    a = t.detach().reshape(-1).abs().double()
+    if a.numel() > SAMPLE:
+        a = a[:: -(-a.numel() // SAMPLE)]
+    k = max(1, min(a.numel(), math.ceil(q / 100 * a.numel())))
+    return float(torch.kthvalue(a, k).values)
 
 
-def quantize_params(plan: QuantPlan, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: quantize_param(params[k], pp) for k, pp in plan.params.items()}
+def _exponent(value: float, qmax: int, headroom: int = 0) -> int:
+    if not value > 0:
+        return F_LIMIT
+    return max(-F_LIMIT, min(F_LIMIT, pow2_exponent(value, qmax) - headroom))
 
 
-def encoder_layers(
-    net: NetSpec,
-    rule,
-    params: dict[str, Tensor],
-    views: Views,
-    quant: str,
-    headroom: int = 0,
-    integer: bool = True,
-) -> tuple[tuple[LayerPlan, ...], dict[str, ParamPlan]]:
-    """Steps 1 and 2 for the encoder: exponents from Brevitas (weights with `headroom` extra
-    bits), bounds, weight and bias plans; the rule's integer layout if `integer`."""
-    shift = store_shift(quant)
-    layout = family_layout(rule, net) if integer else [((1, 1), ())] * len(net.layers)
-    bounds = [
-        check_accumulator(
-            spec.in_features * (9 if spec.kind == "conv" else 1),
-            X_MAX if i == 0 else A_MAX,
-            W_MAX,
-            f"layer {i} forward",
-        )
-        for i, spec in enumerate(net.layers)
-    ]
-    enc = build_quant_encoder(net, params)
-    ex = encoder_exponents(calibrate_encoder(enc, [torch.cat(v) for v in views]))
-    layers, plans = [], {}
-    for i, bound in enumerate(bounds):
-        f_x, f_w = (ex.f_in if i == 0 else ex.f_y[i - 1]), ex.f_w[i] - headroom
-        plans[f"enc.{i}.w"] = weight_plan(f_w, shift)
-        plans[f"enc.{i}.b"] = bias_plan(f_x + f_w, shift, bound)
-        window, terms = layout[i]
-        shape = net.shapes()[i]
-        dim = (
-            shape[0]
-            if len(shape) == 1
-            else shape[0] * (shape[1] // window[0]) * (shape[2] // window[1])
-        )
-        layers.append(
-            LayerPlan(
-                f_x,
-                i == 0,
-                f_w,
-                ex.f_y[i],
-                window,
-                terms,
-                e_shift=error_shift(len(terms)),
-                code_dim=dim,
-            )
-        )
-    return tuple(layers), plans
+def _real(x: QT) -> Tensor:
+    return x.t.double() * math.ldexp(1.0, -x.f)
 
 
-def _codes(net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor) -> list[Tensor]:
-    """Every layer's pooled code (uint8 values, int64) for the int8 input x."""
-    codes = []
-    for i, layer in enumerate(net.layers):
-        w, b = layer_weights(plan, qparams, i)
-        x = int_layer_forward(layer, plan.layers[i], w, b, x).y
-        codes.append(window_code(x, plan.layers[i].window))
-    return codes
+class Calibrator(IntegerExecutor):
+    """The integer executor that makes the plan as the step first asks for each entry."""
+
+    def __init__(self, quant: str, rule: str, batch: int, f_in: int, params: dict[str, Tensor]):
+        super().__init__(QuantPlan(quant, rule, batch, f_in))
+        self.float_params, self.shift = params, store_shift(quant)
+        self.exps: dict[str, int] = {}
+        self.pplans: dict[str, ParamPlan] = {}
+        self.stores: dict[str, Tensor] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def _plan(self) -> QuantPlan:
+        return replace(self.plan, exps=dict(self.exps), params=dict(self.pplans))
+
+    def _quantize(self, name: str, pp: ParamPlan) -> QT:
+        self.pplans[name] = pp
+        self.stores[name] = quantize_param(self.float_params[name], pp)
+        self.plan = self._plan()
+        return self._store(name, self.stores)
+
+    def _weight(self, name: str, headroom: int) -> QT:
+        if name in self.pplans:
+            return self._store(name, self.stores)
+        f = _exponent(float(self.float_params[name].abs().max()), W_MAX, headroom)
+        return self._quantize(name, weight_plan(f, self.shift))
+
+    def prim_params(self, key, prim, params, x):
+        if isinstance(prim, BatchNorm):
+            return super().prim_params(key, prim, params, x)
+        out = {}
+        for s in prim.param_shapes():
+            name = f"{key}.{s}"
+            if s == "w" or name in self.pplans:
+                out[s] = self._weight(name, HEADROOM["weight"])
+                continue
+            w = out["w"]
+            fan = math.prod(prim.param_shapes()["w"][1:]) if isinstance(prim, Conv | Linear) else 1
+            x_max = 255 if x.t.dtype == torch.uint8 else X_MAX
+            bound = check_accumulator(fan, x_max, W_MAX, f"{key} forward")
+            out[s] = self._quantize(name, bias_plan(x.f + w.f, self.shift, bound))
+        return out
+
+    def rule_params(self, key, params):
+        out = {}
+        for k in ("B", "U", "V"):
+            if key + k in params:
+                t = self.float_params[key + k]
+                for dim in t.shape:
+                    check_accumulator(dim, A_MAX, W_MAX, f"{key + k} products")
+                out[k] = self._weight(key + k, HEADROOM["predictor"])
+        return out
+
+    def out_exponent(self, key, x, hi):
+        if key not in self.exps:
+            self.exps[key] = _exponent(percentile(_real(x)), hi)
+            self.plan = self._plan()
+        return self.exps[key]
+
+    def int8_exponent(self, key, acc, headroom):
+        if key not in self.exps:
+            room = HEADROOM["error"] if key.endswith(".gx") else headroom
+            self.exps[key] = _exponent(float(_real(acc).abs().max()), W_MAX, room)
+            self.plan = self._plan()
+        return self.exps[key]
+
+    def noise(self, key, like):
+        return torch.randint(0, 1 << 16, intops_dims(like), generator=self.gen, dtype=torch.int32)
 
 
-def _predictors(i: int, prefix: str, plan: QuantPlan, qparams: dict[str, Tensor]) -> dict:
-    keys = (f"rule.{i}.{prefix}{k}" for k in ("B", "U", "V"))
-    return {
-        k[-1]: dequantize_param(qparams[k], plan.params[k]).double() for k in keys if k in qparams
-    }
+def intops_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
 
 
-def prediction_exponents(
-    net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], views: Views, headroom: int
-) -> QuantPlan:
-    """f_q, f_t, f_au of every layer from the maxima over the calibration batches (clamped to
-    [-F_LIMIT, F_LIMIT]: a layer that is silent during calibration gets a finite scale; 0
-    where a tensor does not exist, e.g. f_t for a full B)."""
-    maxima = [[0.0, 0.0, 0.0] for _ in net.layers]
-    for x1, x2 in views:
-        x = quantize_input(torch.cat((x1, x2)), plan.f_in)
-        codes = _codes(net, plan, qparams, x)
-        for i, lp in enumerate(plan.layers):
-            z = codes[i].double() * 2.0**-lp.f_y
-            top = codes[-1].double() * 2.0 ** -plan.layers[-1].f_y
-            for prefix, kind in lp.terms:
-                c = z if kind == "same" else top
-                P = _predictors(i, prefix, plan, qparams)
-                if "B" in P:
-                    q = c @ P["B"].t()
-                else:
-                    t = c @ P["V"]
-                    q = t @ P["U"].t()
-                    maxima[i][1] = max(maxima[i][1], float(t.abs().max()))
-                    maxima[i][2] = max(maxima[i][2], float((z @ P["U"]).abs().max()))
-                maxima[i][0] = max(maxima[i][0], float(q.abs().max()))
+class _GradRms:
+    """Calibration's optimizer: records rms and real unit of every integer gradient."""
 
-    def exp(m: float, room: int, used: bool = True) -> int:
-        if not used:
-            return 0
-        f = pow2_exponent(m, W_MAX) - room if m > 0 else F_LIMIT
-        return max(-F_LIMIT, min(F_LIMIT, f))
+    def __init__(self):
+        self.rms: dict[str, float] = {}
+        self.scale: dict[str, float] = {}
 
-    layers = tuple(
-        replace(
-            lp,
-            f_q=exp(m[0], headroom),
-            f_t=exp(m[1], headroom, m[1] > 0),
-            f_au=exp(m[2], 0, m[2] > 0),
-        )
-        for lp, m in zip(plan.layers, maxima, strict=True)
-    )
-    return replace(plan, layers=layers)
+    def update(self, name, p, g: QT, state, step, noise=None):
+        self.rms[name] = float(g.t.double().pow(2).mean().sqrt())
+        self.scale[name] = math.ldexp(g.c, -g.f)
+        return p, {}
 
 
-def check_hinge_bounds(plan: QuantPlan, qparams: dict[str, Tensor]) -> None:
-    """Step 2 for the hinge's accumulators (B c, c V, t U^T, z . q, A U)."""
-    for name, t in qparams.items():
-        if name.startswith("rule."):
-            for dim in t.shape:
-                check_accumulator(dim, A_MAX, W_MAX, f"{name} products")
-
-
-def grad_scales(plan: QuantPlan) -> dict[str, float]:
-    """The real value of one unit of each integer gradient (see quant.clapp_int)."""
-    out, two_n = {}, 2 * plan.batch
-    for i, lp in enumerate(plan.layers):
-        s_e = 2.0 ** (lp.e_shift - lp.f_q) / (two_n * lp.window[0] * lp.window[1])
-        out[f"enc.{i}.w"], out[f"enc.{i}.b"] = s_e * 2.0**-lp.f_x, s_e
-        for prefix, kind in lp.terms:
-            f_c = lp.f_y if kind == "same" else plan.layers[-1].f_y
-            key = f"rule.{i}.{prefix}"
-            out[key + "B"] = 2.0 ** -(lp.f_y + f_c) / two_n
-            out[key + "U"] = 2.0 ** -(lp.f_y + lp.f_t) / two_n
-            out[key + "V"] = 2.0 ** -(f_c + lp.f_au) / two_n
-    return {k: v for k, v in out.items() if k in plan.params}
-
-
-def gradient_rms(
-    net: NetSpec, rule, plan: QuantPlan, qparams: dict[str, Tensor], views: Views
-) -> dict[str, float]:
-    """rms of every integer gradient over the calibration batches (no update is applied)."""
-    form = integer_form(rule)
-    sums: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(0)
-    for x1, x2 in views:
-        noise = make_noise(plan, qparams, gen)
-        q1, q2 = quantize_input(x1, plan.f_in), quantize_input(x2, plan.f_in)
-        ctx = form.context(net, plan, qparams, q1, q2)
-        x = torch.cat((q1, q2))
-        for i, layer in enumerate(net.layers):
-            w, b = layer_weights(plan, qparams, i)
-            out = int_layer_forward(layer, plan.layers[i], w, b, x)
-            grads, _ = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[err_key(i)])
-            for k, g in grads.items():
-                sums[k] = sums.get(k, 0.0) + float(g.double().pow(2).mean()) / len(views)
-            x = out.y
-    return {k: math.sqrt(v) for k, v in sums.items()}
-
-
-def lr_shifts(plan: QuantPlan, rms: dict[str, float] | None, lr: float, lr_mode: str) -> QuantPlan:
-    scales = grad_scales(plan)
-    params = {}
-    for k, pp in plan.params.items():
-        if lr_mode == "normalized":
-            k_float = math.log2(max(rms[k], 1e-30)) - math.log2(lr) - pp.exponent
-        else:
-            k_float = math.log2(2.0**-pp.exponent / (lr * scales[k]))
-        params[k] = replace(pp, lr_shift=round(k_float), grad_scale=scales[k])
-    return replace(plan, params=params, lr=lr)
+def input_exponent(views: Views) -> int:
+    return _exponent(percentile(torch.cat([torch.cat(v) for v in views])), X_MAX - 1)
 
 
 def make_plan(
     net: NetSpec,
-    rule,
+    rule: Any,
     params: dict[str, Tensor],
     views: Views,
     quant: str = "int8-w16",
     lr: float = 1e-3,
     lr_mode: str = "normalized",
-    headroom: dict[str, int] | None = None,
-    integer: bool = True,
 ) -> tuple[QuantPlan, dict[str, Tensor]]:
-    """Calibrate on `views` (float view pairs, N images each) and quantize `params`.
-
-    integer=False (QAT): only steps 1-3's parameter scales (any rule; every `rule.*` tensor
-    is quantized like a weight); no hinge layout, prediction scales or shifts."""
+    """Calibrate the integer step on `views` (float view pairs of N images each; stacked
+    into one batch) and quantize `params`. `net` must have its BatchNorms folded."""
     if lr_mode not in LR_MODES:
         raise EdgeError(f"unknown lr mode {lr_mode!r}; valid: {', '.join(LR_MODES)}")
-    if not lr > 0:
-        raise EdgeError(f"learning rate must be positive, got {lr}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise EdgeError(f"learning rate must be a positive finite number, got {lr}")
     if not views:
         raise EdgeError("calibration needs at least one batch")
-    room = {**HEADROOM, **(headroom or {})}
-    layers, plans = encoder_layers(net, rule, params, views, quant, room["weight"], integer)
-    shift = store_shift(quant)
-    for k, v in params.items():
-        if k.startswith("rule."):
-            f = pow2_exponent(float(v.abs().max()), W_MAX) - room["predictor"]
-            plans[k] = weight_plan(f, shift)
-    plan = QuantPlan(quant, rule.name, views[0][0].shape[0], layers, plans, lr)
-    qparams = quantize_params(plan, params)
-    if not integer:
-        return plan, qparams
-    check_hinge_bounds(plan, qparams)
-    plan = prediction_exponents(net, plan, qparams, views, room["prediction"])
-    rms = gradient_rms(net, rule, plan, qparams, views) if lr_mode == "normalized" else None
-    return lr_shifts(plan, rms, lr, lr_mode), qparams
+    form = rule.integer_form(net)
+    f_in = input_exponent(views)
+    x1 = quantize_input(torch.cat([v[0] for v in views]), f_in)
+    x2 = quantize_input(torch.cat([v[1] for v in views]), f_in)
+    cal = Calibrator(quant, rule.name, views[0][0].shape[0], f_in, params)
+    rms = _GradRms()
+    state = {"step": torch.zeros((), dtype=torch.int64)}
+    with torch.no_grad():
+        local_step(net, form, rms, params, state, QT(x1, f_in), QT(x2, f_in), ex=cal)
+    missing = sorted(set(params) - set(cal.pplans))
+    if missing:
+        raise EdgeError(f"calibration never read {', '.join(missing[:3])}: not a parameter the "
+                        f"integer step of {rule.name!r} trains")
+    plans = {}
+    for k, pp in cal.pplans.items():
+        g_rms, scale = rms.rms.get(k, 0.0), rms.scale.get(k, 0.0)
+        if lr_mode == "normalized" and g_rms > 0:
+            k_float = math.log2(g_rms) - math.log2(lr) - pp.exponent
+        else:  # plain SGD at lr (also where the gradient was all zero at calibration)
+            k_float = math.log2(2.0**-pp.exponent / (lr * scale)) if scale > 0 else K_RANGE[1]
+        k_int = max(K_RANGE[0], min(K_RANGE[1], round(k_float)))
+        plans[k] = replace(pp, lr_shift=k_int, grad_scale=scale)
+    plan = replace(cal.plan, exps=dict(cal.exps), params=plans, lr=lr)
+    return plan, {k: cal.stores[k] for k in params}
+
+
+class _QATRecorder(Executor):
+    """A float executor with the quantization points that records their exponents."""
+
+    def __init__(self):
+        super().__init__("qat-calibration", quantized=True)
+        self.exps: dict[str, int] = {}
+        self.weights: dict[str, float] = {}
+
+    def weight(self, key, name, w):
+        full = f"{key}.{name}"
+        self.weights[full] = max(self.weights.get(full, 0.0), float(w.detach().abs().max()))
+        return w
+
+    def act(self, key, y, signed):
+        if key not in self.exps:
+            self.exps[key] = _exponent(percentile(y), 127 if signed else A_MAX)
+        return y
+
+
+def qat_plan(net: NetSpec, rule: Any, params: dict[str, Tensor], views: Views) -> QuantPlan:
+    """Exponents for QAT (any rule): activations, weights and predictors (int8)."""
+    rec = _QATRecorder()
+    with torch.no_grad():
+        for x1, x2 in views[:1]:
+            x = rule.inputs(x1, x2)
+            rule.check(net)
+            for i, b in enumerate(net.blocks):
+                x, _ = b.forward(rec, i, params, x)
+                x = rule.next_input(i, x)
+    plans = {}
+    for name, m in rec.weights.items():
+        if name.endswith(".w"):
+            plans[name] = weight_plan(_exponent(m, W_MAX, HEADROOM["weight"]), 0)
+    for name, t in params.items():
+        if name.startswith("rule."):
+            plans[name] = weight_plan(_exponent(float(t.abs().max()), W_MAX,
+                                                HEADROOM["predictor"]), 0)
+    return QuantPlan("int8", rule.name, views[0][0].shape[0], input_exponent(views), rec.exps,
+                     plans)
+
+
+__all__ = ["EAGER", "make_plan", "percentile", "qat_plan"]

@@ -1,263 +1,205 @@
-"""The integer training step: `integer_step(net, rule, plan, qparams, x1, x2, noise)`.
+"""Integer mode as an executor of the one step loop: `integer_step(net, form, plan, ...)`.
 
-Integer tensors only (int8/uint8/int16/int32 stored; int32 accumulators and error maps,
-int64 for the hinge and the updates), every shift and bit width from the `QuantPlan`,
-explicit random bits for the stochastic rounding of the update. Both views travel as one
-batch of 2N through each layer: the layer's forward, its rule's integer local loss
-(`quant.clapp_int`), the Hebbian products and the updates; only
-the layer's uint8 output survives to the next layer.
+`IntegerExecutor` runs every primitive's integer form (`edge.layers`) and the rule's integer
+form (`edge.rules.hinge.IntHinge`) over `QT` tensors: int8 / uint8 activations between
+primitives, int32 accumulators, int8 errors carried as int32, every exponent from the
+`QuantPlan`, explicit random bits for every stochastic rounding. `IntegerUpdate` is its
+optimizer: store' = clamp(store + stochastic_shift(-G, K), lo, hi) per parameter, K its
+learning-rate shift. The loop itself is `edge.step.local_step`, the same function the float
+modes run; `integer_step` only quantizes the two views and binds the pieces.
 
-Bit widths of one layer (f_* are the plan's exponents, scales 2^-f):
-  x      int8 (layer 0, f_x) or uint8 (previous output)
-  w      int8 [-127, 127] = floor_shift(store, 0 | 8), store int8 | int16
-  acc    int32 = conv(x, w) + b (b int32 at f_x + f_w); |acc| < 2^31 checked at plan time
-  pool   2x2 max of acc, the first maximum in (0,0), (0,1), (1,0), (1,1) order wins
-  y      uint8 = clamp(round_shift(acc, f_x + f_w - f_y), 0, 255)   (the ReLU is the clamp)
-  e      int8 error at y (from the rule, stochastically rounded; int32 tensors until the
-         product), masked by y > 0 and routed to the max-pool's choice
-  GW     int32 (saturating) = sum over batch and positions of e x   (the Hebbian product)
-  Gb     int32 (saturating) = sum of e
-  update store' = clamp(store + stochastic_shift(-G, K, noise), lo, hi), cast to the store dtype
+Bit widths of one block (f_* exponents, scales 2^-f):
+  x      int8 (block 0, f_in) or the previous block's 8-bit output
+  w      int8 [-127, 127] = floor_shift(store, 0 | 8), store int8 | int16;  b int32
+  acc    int32 = conv(x, w) + b at f_x + f_w; |acc| < 2^31 checked when the plan is made
+  y      8-bit = clamp(round_half_even(acc 2^(f_y - f_acc)), lo, hi) at every activation
+  e      int8 error (the rule's, stochastically rounded), masked, routed, requantized with
+         stochastic rounding where a block's inner gradient needs it (`<key>.gx`)
+  G      int32 (saturating) Hebbian products and sums
+
+Random bits (`noise`): int32 uniform in [0, 2^16), one tensor per parameter (its update's
+rounding) and one per error requantization (`err.{block}.z` at the rule's code,
+`err.{block}.{j}.gx` inside blocks). `noise_shapes` finds them by running the step once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from edge.nets import LayerSpec, NetSpec
-from quant.intops import (
-    NOISE_BITS,
-    dims,
-    div_round,
-    int_conv2d,
-    int_conv2d_weight,
-    int_matmul,
-    narrow,
-    round_shift,
-    saturate,
-    saturate32,
-    stochastic_shift,
-    widen,
+from edge.errors import EdgeError
+from edge.layers import EAGER, BatchNorm, Executor
+from edge.layers import intops
+from edge.layers.base import QT
+from edge.nets import NetSpec
+from edge.step import local_step
+from quant.plan import (
+    DTYPES,
+    W_MAX,
+    QuantPlan,
+    apply_update,
+    forward_value,
 )
-from quant.plan import A_MAX, DTYPES, LayerPlan, ParamPlan, QuantPlan, forward_value
 
-Metrics = dict[str, Tensor]
-
-
-@dataclass
-class IntLayerOut:
-    """What one layer's integer forward leaves for its update (2N rows: view 1, then view 2)."""
-
-    x: Tensor  # input (int8/uint8; flattened for linear layers)
-    y: Tensor  # output, uint8
-    sel: Tensor | None  # max-pool choice per pooled output: 0..3 = (0,0), (0,1), (1,0), (1,1)
-    full_hw: tuple[int, int] | None  # pre-pool map size (H, W)
+NOISE_BITS = intops.NOISE_BITS
 
 
-def layer_weights(plan: QuantPlan, qparams: dict[str, Tensor], i: int) -> tuple[Tensor, Tensor]:
-    """Layer i's forward weight (int8, the top bits of the store) and bias (int32)."""
-    w, b = f"enc.{i}.w", f"enc.{i}.b"
-    w8 = narrow(forward_value(qparams[w], plan.params[w]), torch.int8)
-    return w8, narrow(forward_value(qparams[b], plan.params[b]), torch.int32)
+def noise_key(key: str) -> str:
+    """The noise of an error requantization point: `enc.3.1.gx` -> `err.3.1.gx`."""
+    return "err." + key.removeprefix("enc.")
 
 
-def max_pool_first(acc: Tensor) -> tuple[Tensor, Tensor]:
-    """2x2/stride-2 max-pool (floor crop) of (N, C, H, W) and which of the four won.
+class IntegerExecutor(Executor):
+    """Integer forms, exponents from `plan`, random bits from `noise` (name -> int32 tensor).
 
-    Ties go to the first in (0,0), (0,1), (1,0), (1,1) order, written out explicitly so the
-    choice never depends on a library's scan order: with n_k = [a_k is not the maximum],
-    sel = n_0 (1 + n_1 (1 + n_2)). Comparisons only (no differences that could overflow an
-    int32 accumulator).
-    """
-    hp, wp = dims(acc)[2] // 2, dims(acc)[3] // 2
-    a = [acc[:, :, i : 2 * hp : 2, j : 2 * wp : 2] for i in (0, 1) for j in (0, 1)]
-    m = torch.maximum(torch.maximum(a[0], a[1]), torch.maximum(a[2], a[3]))
-    n0, n1, n2 = ((t != m).to(torch.int32) for t in a[:3])
-    return m, narrow(n0 * (1 + n1 * (1 + n2)), torch.uint8)
+    `traced=True` picks the kernels that trace into integer ONNX graphs (the sums are the
+    same). `record=True` makes `noise` answer zeros of whatever shape is asked and remember
+    the shapes (how `noise_shapes` finds the step's random-bit inputs)."""
 
+    def __init__(self, plan: QuantPlan, noise: dict[str, Tensor] | None = None,
+                 traced: bool = False, record: bool = False):
+        super().__init__("integer", traced=traced, integer=True, quantized=True)
+        self.plan, self.bits, self.record = plan, noise or {}, record
+        self.asked: dict[str, tuple[int, ...]] = {}
 
-def unpool(g: Tensor, sel: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Adjoint of `max_pool_first`: each pooled value goes to its chosen position, zeros else."""
-    n, c, hp, wp = dims(g)
-    s = sel.to(torch.int32)
-    parts = [torch.where(s == k, g, 0) for k in range(4)]  # (0,0), (0,1), (1,0), (1,1)
-    full = torch.stack(parts, -1).reshape(n, c, hp, wp, 2, 2).permute(0, 1, 2, 4, 3, 5)
-    full = full.reshape(n, c, 2 * hp, 2 * wp)
-    return F.pad(full, (0, hw[1] - 2 * wp, 0, hw[0] - 2 * hp))
+    # ------------------------------------------------------------------ parameters
+    def _store(self, name: str, params: dict[str, Tensor]) -> QT:
+        pp = self.plan.params[name]
+        t = forward_value(params[name], pp)
+        dtype = torch.int32 if pp.dtype == "int32" else torch.int8
+        return QT(intops.narrow(t, dtype), pp.forward_exponent)
 
+    def prim_params(self, key, prim, params, x):
+        if isinstance(prim, BatchNorm):
+            raise EdgeError(f"{key}: BatchNorm has no integer form; fold it into the conv "
+                            "before it (edge.nets.fold_batchnorm)")
+        return {s: self._store(f"{key}.{s}", params) for s in prim.param_shapes()}
 
-def int_layer_forward(
-    layer: LayerSpec, lp: LayerPlan, w: Tensor, b: Tensor, x: Tensor
-) -> IntLayerOut:
-    """acc = x * w + b (int32), max-pool on acc, y = clamp(round_shift(acc), 0, 255) as uint8.
-    x: int8 (the network input) or uint8, w: int8, b: int32 (`layer_weights`). The plan
-    bounds |x * w| + |b| below 2^31, so the accumulator never wraps."""
-    sel, hw = None, None
-    if layer.kind == "linear":
-        x = x.flatten(1)
-        acc = int_matmul(x, w.t()) + b
-    else:
-        acc = int_conv2d(x, w) + b[None, :, None, None]
-        if layer.pool:
-            hw = dims(acc)[2:]
-            acc, sel = max_pool_first(acc)
-    y = saturate(round_shift(acc, lp.f_x + lp.f_w - lp.f_y), 0, A_MAX).to(torch.uint8)
-    return IntLayerOut(x, y, sel, hw)
+    def rule_params(self, key: str, params: dict[str, Tensor]) -> dict[str, QT]:
+        """Predictor forward values of one hinge term (`key` = `rule.{i}.{prefix}`)."""
+        return {k: self._store(key + k, params) for k in ("B", "U", "V") if key + k in params}
 
+    # ------------------------------------------------------------------ exponents
+    def out_exponent(self, key: str, x: QT, hi: int) -> int:
+        return self.plan.exp(key)
 
-def int_layer_backward(layer: LayerSpec, out: IntLayerOut, e: Tensor) -> tuple[Tensor, Tensor]:
-    """Integer dW, db (int32, saturating) from the int8-valued error `e` at the layer's output
-    (any integer dtype; int32 in the step).
+    def int8_exponent(self, key: str, acc: QT, headroom: int) -> int:
+        return self.plan.exp(key)
 
-    Mask by y > 0 (the ReLU; exact at the max-pool's choice too), route through the max-pool,
-    then the Hebbian product with the layer's own input, accumulated in int32.
-    """
-    e = torch.where(out.y > 0, e, 0)
-    if layer.kind == "linear":
-        gw = int_matmul(narrow(e, torch.int8).t(), out.x)
-        return saturate32(gw), saturate32(widen(e).sum(0))
-    if out.sel is not None:
-        e = unpool(e, out.sel, out.full_hw)
-    gw = int_conv2d_weight(out.x, narrow(e, torch.int8))
-    return saturate32(gw), saturate32(widen(e).sum((0, 2, 3)))
+    def requant_error(self, key: str, acc: QT) -> QT:
+        """An inner-gradient accumulator as int8 at its plan exponent (stochastic rounding)."""
+        f = self.int8_exponent(key + ".gx", acc, 1)
+        t = intops.stochastic_shift(acc.t, acc.f - f, self.noise(noise_key(key) + ".gx", acc.t))
+        return QT(intops.saturate(t, -W_MAX, W_MAX).to(torch.int32), f, acc.c)
+
+    # ------------------------------------------------------------------ random bits
+    def noise(self, key: str, like: Tensor) -> Tensor:
+        shape = intops.dims(like)
+        if self.record:
+            self.asked[key] = shape
+            return torch.zeros(shape, dtype=torch.int32)
+        if key not in self.bits:
+            raise EdgeError(f"integer step: no random bits for {key!r} (see noise_shapes)")
+        t = self.bits[key]
+        if intops.dims(t) != shape:
+            raise EdgeError(f"random bits {key!r} have shape {list(t.shape)}, need {list(shape)}")
+        return t
 
 
-def window_sum(y: Tensor, window: tuple[int, int]) -> Tensor:
-    """(N, C, H, W) -> (N, C*H'*W'): sums over non-overlapping kh x kw windows (floor crop),
-    int64; (N, F) stays. Flattened in (C, H', W') order, as `edge.rules.base.avg_pool`."""
-    if y.dim() == 2:
-        return widen(y)
-    kh, kw = window
-    n, c, h, w = dims(y)
-    hp, wp = h // kh, w // kw
-    y = widen(y[:, :, : hp * kh, : wp * kw])
-    return y.reshape(n, c, hp, kh, wp, kw).sum((3, 5)).flatten(1)
+class IntegerUpdate:
+    """The integer optimizer: a stochastic power-of-two SGD step per stored parameter."""
 
+    name = "integer-sgd"
 
-def window_code(y: Tensor, window: tuple[int, int]) -> Tensor:
-    """The pooled code z: window averages of uint8 y, rounded half to even, as uint8."""
-    return narrow(div_round(window_sum(y, window), window[0] * window[1]), torch.uint8)
+    def __init__(self, plan: QuantPlan):
+        self.plan = plan
 
+    def update(self, name: str, store: Tensor, g: QT, state: dict, step: Tensor,
+               noise: dict[str, Tensor] | None = None) -> tuple[Tensor, dict]:
+        pp = self.plan.params[name]
+        if noise is None or name not in noise:
+            raise EdgeError(f"integer step: no random bits for the update of {name}")
+        return apply_update(pp, store, g.t, noise[name]), {}
 
-def window_spread(g: Tensor, y_shape: torch.Size, window: tuple[int, int]) -> Tensor:
-    """Adjoint of `window_sum`: every position of a window gets its window's value (zeros in
-    the cropped border). The 1 / (kh kw) of the average lives in the gradient's scale."""
-    if len(y_shape) == 2:
-        return g
-    kh, kw = window
-    n, c, h, w = (int(d) for d in y_shape)
-    hp, wp = h // kh, w // kw
-    g = g.reshape(n, c, hp, 1, wp, 1).expand(n, c, hp, kh, wp, kw).reshape(n, c, hp * kh, wp * kw)
-    return F.pad(g, (0, w - wp * kw, 0, h - hp * kh))
-
-
-def apply_update(
-    pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor
-) -> tuple[Tensor, Tensor]:
-    """store' = clamp(store + stochastic_shift(-grad, K, noise), lo, hi), cast back to the store
-    dtype after the clamp; also returns how many elements the clamp touched."""
-    new = widen(store) + stochastic_shift(-widen(grad), pp.lr_shift, noise)
-    clipped = ((new < pp.lo) | (new > pp.hi)).sum()
-    return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype]), clipped
-
-
-def err_key(i: int) -> str:
-    """The noise key of layer i's error at its code (`err.{i}.z`: named like a layer tensor,
-    so per-layer graphs pick it up with the layer's parameters)."""
-    return f"err.{i}.z"
-
-
-def noise_shapes(plan: QuantPlan, qparams: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the random bits one step consumes, in sorted key order: one per element of
-    every planned parameter (its update's stochastic rounding), and `err_key(i)`, 2N x D_i,
-    for layer i's error at its code."""
-    shapes = {k: tuple(qparams[k].shape) for k in plan.params}
-    for i, lp in enumerate(plan.layers):
-        if lp.terms:
-            shapes[err_key(i)] = (2 * plan.batch, lp.code_dim)
-    return dict(sorted(shapes.items()))
-
-
-def make_noise(
-    plan: QuantPlan, qparams: dict[str, Tensor], gen: torch.Generator
-) -> dict[str, Tensor]:
-    """The random bits of one step: int32 uniform in [0, 2^16) for every `noise_shapes`
-    entry, drawn from `gen` in sorted key order (reproducible from the generator's state)."""
-    return {
-        k: torch.randint(0, 1 << NOISE_BITS, shape, generator=gen, dtype=torch.int32)
-        for k, shape in noise_shapes(plan, qparams).items()
-    }
-
-
-def integer_forward(
-    net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor
-) -> list[Tensor]:
-    """Every layer's uint8 output for the int8 input x (the quantized network's inference)."""
-    outs = []
-    for i, layer in enumerate(net.layers):
-        w, b = layer_weights(plan, qparams, i)
-        x = int_layer_forward(layer, plan.layers[i], w, b, x).y
-        outs.append(x)
-    return outs
-
-
-def integer_layer_step(
-    net: NetSpec,
-    form,
-    plan: QuantPlan,
-    i: int,
-    qparams: dict[str, Tensor],
-    x: Tensor,
-    ctx: tuple[Tensor, Tensor] | None,
-    noise: dict[str, Tensor],
-) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
-    """Layer i of `integer_step`: forward of both views (x: 2N rows, view 1 then view 2), the
-    rule's integer gradients, the updates. `qparams` and `noise` need hold only layer i's
-    tensors. Returns (the uint8 output, the layer's new stores, its loss, clipped count)."""
-    layer = net.layers[i]
-    w, b = layer_weights(plan, qparams, i)
-    out = int_layer_forward(layer, plan.layers[i], w, b, x)
-    grads, loss = form.layer_grads(i, layer, plan, out, qparams, ctx, noise[err_key(i)])
-    new, clipped = {}, torch.zeros((), dtype=torch.int64)
-    for name, g in grads.items():
-        new[name], c = apply_update(plan.params[name], qparams[name], g, noise[name])
-        clipped = clipped + c
-    return out.y, new, loss, clipped
+    def describe(self) -> dict[str, Any]:
+        """What the manifest says about the update: the real optimizer, not the float one."""
+        return {"name": self.name, "update": "store' = clamp(store + stochastic_shift(-G, "
+                "lr_shift), lo, hi)", "lr_shift": {k: p.lr_shift for k, p in
+                                                   self.plan.params.items()},
+                "calibrated_lr": self.plan.lr}
 
 
 def integer_step(
     net: NetSpec,
-    rule,
+    form: Any,
     plan: QuantPlan,
     qparams: dict[str, Tensor],
     x1: Tensor,
     x2: Tensor,
     noise: dict[str, Tensor],
-) -> tuple[dict[str, Tensor], Metrics]:
-    """One integer training step of a local rule; returns the new stores and metrics.
+    step: Tensor | None = None,
+    traced: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One integer training step: (stores, int8 views, random bits) -> (new stores, metrics).
 
-    x1, x2: the two views, int8 at the plan's input exponent (`quant.calibrate.quantize_input`).
-    noise: `make_noise` output (keys and shapes: `noise_shapes`). The rule needs an integer
-    form (`quant.clapp_int.integer_form`), else EdgeError. Metrics: loss (float, dequantized
-    from the integer hinge), layer_loss, clipped (stored elements that hit their range).
-    The layers run one after the other (`integer_layer_step`); only the uint8 output of one
-    survives into the next.
+    x1, x2: the two views, int8 at the plan's input exponent (`quantize_input`); `form`: the
+    rule's integer form (`rule.integer_form(net)`); noise: `make_noise` (keys and shapes
+    `noise_shapes`). Metrics: loss (float, dequantized from the integer hinge), layer_loss.
     """
-    from quant.clapp_int import integer_form
+    ex = IntegerExecutor(plan, noise, traced=traced)
+    state = {"step": torch.zeros((), dtype=torch.int64) if step is None else step}
+    new, _, metrics = local_step(net, form, IntegerUpdate(plan), qparams, state,
+                                 QT(x1, plan.f_in), QT(x2, plan.f_in), ex=ex, noise=noise)
+    return new, metrics
 
-    form = integer_form(rule)
-    ctx = form.context(net, plan, qparams, x1, x2)
-    new = dict(qparams)
-    x = torch.cat((x1, x2))
-    losses, clipped = [], torch.zeros((), dtype=torch.int64)
-    for i in range(len(net.layers)):
-        x, updated, loss, c = integer_layer_step(net, form, plan, i, qparams, x, ctx, noise)
-        new.update(updated)
-        losses.append(loss)
-        clipped = clipped + c
-    layer_loss = torch.stack(losses)
-    return new, {"loss": layer_loss.sum(), "layer_loss": layer_loss, "clipped": clipped}
+
+def noise_shapes(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor]
+                 ) -> dict[str, tuple[int, ...]]:
+    """Shapes of the random bits one step consumes, in sorted key order: one per element of
+    every planned parameter (its update's stochastic rounding) and every error rounding
+    the step asks for (found by running the step once on zeros)."""
+    ex = IntegerExecutor(plan, record=True)
+    x = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
+    state = {"step": torch.zeros((), dtype=torch.int64)}
+    zeros = {k: torch.zeros(tuple(v.shape), dtype=torch.int32) for k, v in qparams.items()}
+    with torch.no_grad():
+        local_step(net, form, IntegerUpdate(plan), qparams, state, QT(x, plan.f_in),
+                   QT(x.clone(), plan.f_in), ex=ex, noise=zeros)
+    shapes = {k: tuple(qparams[k].shape) for k in plan.params}
+    shapes.update(ex.asked)
+    return dict(sorted(shapes.items()))
+
+
+def make_noise(shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, Tensor]:
+    """The random bits of one step: int32 uniform in [0, 2^16) for every `noise_shapes`
+    entry, drawn from `gen` in sorted key order (reproducible from the generator's state)."""
+    return {k: torch.randint(0, 1 << NOISE_BITS, shape, generator=gen, dtype=torch.int32)
+            for k, shape in sorted(shapes.items())}
+
+
+def integer_forward(net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x: Tensor,
+                    traced: bool = False) -> list[QT]:
+    """Every block's 8-bit output for the int8 input x (the quantized network's inference)."""
+    ex = IntegerExecutor(plan, traced=traced)
+    h, outs = QT(x, plan.f_in), []
+    for i, b in enumerate(net.blocks):
+        h, _ = b.forward(ex, i, qparams, h)
+        outs.append(h)
+    return outs
+
+
+def quantize_input(x: Tensor, f_in: int) -> Tensor:
+    """Float (normalised) images -> int8 at scale 2^-f_in, rounded half to even, clipped."""
+    q = torch.round(x.to(torch.float64) * math.ldexp(1.0, f_in))
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+def dequantize(y: QT) -> Tensor:
+    return (y.t.to(torch.float64) * math.ldexp(y.c, -y.f)).float()
+
+
+__all__ = ["DTYPES", "EAGER", "IntegerExecutor", "IntegerUpdate", "dequantize", "integer_forward",
+           "integer_step", "make_noise", "noise_key", "noise_shapes", "quantize_input"]

@@ -1,15 +1,24 @@
-"""The integer plan: every bit width, power-of-two exponent and shift of the quantized step.
+"""The integer plan: every bit width, power-of-two exponent and shift of a quantized step.
 
-A `QuantPlan` is plain frozen data, fixed at calibration time and saved with the checkpoint
-(`to_dict` / `from_dict`); the integer step (`quant.integer`), its NumPy reference
-(`quant.reference`) and the exporter read everything they need from it. Scales are 2^-f; an
-exponent is the f.
+A `QuantPlan` is plain frozen data, fixed at calibration (`quant.calibrate`) and saved with
+the checkpoint and the bundle manifest (`to_dict` / `from_dict`); the integer executor
+(`quant.integer`), the QAT executor (`quant.qat`), the NumPy reference (`quant.reference`)
+and the exporter read everything from it. Scales are 2^-f; an exponent is the f.
 
-Stored parameters (`ParamPlan`): an integer `store` of `dtype` in [lo, hi], scale 2^-exponent.
-The forward pass uses `floor_shift(store, shift)`: shift 0 in int8 mode; shift 8 in int8-w16
-mode, where the int16 store keeps 8 extra low bits and its top 8 bits feed the forward. The
-store is initialised as round(w * 2^exponent) + 2^(shift-1) (half a forward step up), so the
-floor of the shift rounds the latent weight to the nearest forward step.
+    f_in     the network input: int8 at 2^-f_in (round half to even, clip)
+    exps     {point: exponent} of every requantization point, keyed like the primitives
+             (`edge.nets.block`): activation outputs (`enc.3.1`, `enc.3.0.q` after a conv no
+             activation follows, `enc.3.add.q`), int8 predictions of the hinge
+             (`rule.3.q`, `rule.3.t`, `rule.3.au`, prefixed `rule.3.fb.` for feedback
+             predictors), and int8 input-gradients inside blocks (`enc.3.1.gx`)
+    params   {parameter: ParamPlan}: its integer store
+
+Stored parameters (`ParamPlan`): an integer `store` of `dtype` in [lo, hi], scale
+2^-exponent. The forward pass uses `floor_shift(store, shift)`: shift 0 in int8 mode; shift 8
+in int8-w16 mode, where the int16 store keeps 8 extra low bits and its top 8 bits feed the
+forward. The store is initialised as round(w * 2^exponent) + 2^(shift-1) (half a forward
+step up), so the floor of the shift rounds the latent weight to the nearest forward step.
+The update is store' = clamp(store + stochastic_shift(-G, lr_shift), lo, hi) (`apply_update`).
 """
 
 from __future__ import annotations
@@ -23,14 +32,13 @@ import torch
 from torch import Tensor
 
 from edge.errors import EdgeError
-from quant.intops import INT32_MAX, floor_shift
+from edge.layers.intops import INT32_MAX, floor_shift, saturate, stochastic_shift, widen
 
 QUANTS = {"int8": 0, "int8-w16": 8}  # quant mode -> store shift (extra low bits of the store)
 W_MAX = 127  # forward weights, predictors and signed intermediates: int8, narrow [-127, 127]
 A_MAX = 255  # activations after a ReLU: uint8 [0, 255]
 X_MAX = 128  # the network input: int8 [-128, 127]
 DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
-CONTEXTS = ("same", "top")  # a hinge term's context: this layer's other view, or the top layer
 
 
 @dataclass(frozen=True)
@@ -49,54 +57,38 @@ class ParamPlan:
     def offset(self) -> int:
         return (1 << self.shift) >> 1
 
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Exponents of one layer's tensors and the shape of its local loss."""
-
-    f_x: int  # input: int8 (layer 0) or uint8 (after the previous ReLU)
-    x_signed: bool
-    f_w: int  # forward weight (int8); the bias is int32 at f_x + f_w
-    f_y: int  # output (uint8); the pooled code z is uint8 at f_y too
-    window: tuple[int, int]  # (kh, kw) of the code's average pooling; (1, 1): none
-    terms: tuple[tuple[str, str], ...] = ()  # hinge terms: (predictor key prefix, context)
-    f_q: int = 0  # predictions B c (int8), shared by all terms of the layer
-    f_t: int = 0  # low rank: c V (int8)
-    f_au: int = 0  # low rank: A U, the modulated anchors through U (int8)
-    e_shift: int = 1  # error requantization: e = stochastic_shift(sum of +-q, e_shift), int8
-    code_dim: int = 0  # D, the length of the pooled code z (the error noise is 2N x D)
+    @property
+    def forward_exponent(self) -> int:
+        return self.exponent - self.shift
 
 
 @dataclass(frozen=True)
 class QuantPlan:
     quant: str  # "int8" | "int8-w16"
     rule: str
-    batch: int  # images per view per step (the static batch size)
-    layers: tuple[LayerPlan, ...]
+    batch: int  # images per view per step (the static batch size of exported steps)
+    f_in: int
+    exps: dict[str, int] = field(default_factory=dict)
     params: dict[str, ParamPlan] = field(default_factory=dict)
     lr: float = 1e-3
 
-    @property
-    def f_in(self) -> int:
-        return self.layers[0].f_x
+    def exp(self, key: str) -> int:
+        if key not in self.exps:
+            raise EdgeError(f"the integer plan has no exponent for {key!r}; recalibrate for "
+                            "this network and rule")
+        return self.exps[key]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> QuantPlan:
-        layers = tuple(
-            LayerPlan(
-                **{
-                    **lp,
-                    "window": tuple(lp["window"]),
-                    "terms": tuple(tuple(t) for t in lp["terms"]),
-                }
-            )
-            for lp in d["layers"]
-        )
-        params = {k: ParamPlan(**v) for k, v in d["params"].items()}
-        return QuantPlan(d["quant"], d["rule"], d["batch"], layers, params, d["lr"])
+        try:
+            params = {k: ParamPlan(**v) for k, v in d["params"].items()}
+            return QuantPlan(d["quant"], d["rule"], int(d["batch"]), int(d["f_in"]),
+                             {k: int(v) for k, v in d["exps"].items()}, params, float(d["lr"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgeError(f"malformed integer plan ({type(e).__name__}: {e})") from None
 
 
 def store_shift(quant: str) -> int:
@@ -149,3 +141,10 @@ def dequantize_param(store: Tensor, pp: ParamPlan, latent: bool = False) -> Tens
         return ((store.to(torch.float64) - pp.offset) * math.ldexp(1.0, -pp.exponent)).float()
     scale = math.ldexp(1.0, pp.shift - pp.exponent)
     return (forward_value(store, pp).to(torch.float64) * scale).float()
+
+
+def apply_update(pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor) -> Tensor:
+    """store' = clamp(store + stochastic_shift(-grad, K, noise), lo, hi), cast back to the
+    store dtype after the clamp."""
+    new = widen(store) + stochastic_shift(-widen(grad), pp.lr_shift, noise)
+    return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype])

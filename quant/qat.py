@@ -1,97 +1,60 @@
 """Quantization-aware training of any local rule: fp32 latent weights, quantized forward.
 
-The step is `edge.step.local_step` with the forward pass quantized: the input is int8 at the
-plan's input exponent, each layer multiplies by its fake-quantized weight (int8 at f_w) and
-bias (int32 at f_x + f_w), its output is fake-quantized to uint8 at f_y, and the rule sees
-fake-quantized predictors. The rule's closed-form update then runs, in floating point, on
-these quantized activations and weights, and the optimizer applies it to the latent fp32
-weights: the straight-through estimator, written out (no autograd involved).
+QAT is an executor of the one step loop (`edge.step.local_step`), not a loop of its own:
+`QATExecutor` fake-quantizes what the integer step would hold in 8 bits, through the hooks
+every primitive and block already calls,
+    weight(key, name, w)   conv / linear weights and the rule's predictors: int8 at the
+                           plan's exponent, narrow range [-127, 127]
+    act(key, y, signed)    every requantization point (activations, and the Identity after
+                           a conv, linear or residual add no activation follows): uint8
+                           [0, 255] or int8 [-128, 127] at the plan's exponent
+and the views are fake-quantized to int8 at f_in before the step. The rule's closed-form
+update then runs in floating point on these quantized values, and the optimizer applies it
+to the latent fp32 weights: the straight-through estimator, written out (no autograd).
+Biases stay float (int32 at the accumulator's scale is below float32's own resolution).
 
-Rule hooks, where a rule has them, are honoured as in `edge.step`: `context` and
-`next_context` (direct-feedback top codes, Forward-Forward negatives) run with the
-fake-quantized weights on their own (float) activations; `next_input` (Forward-Forward's
-length normalisation) rescales the uint8 output per sample, which the next layer's linear
-accumulation absorbs as a per-sample scale.
-
-This is the accuracy upper bound of the integer mode: same scales, same quantized forward,
-but float update arithmetic and the rule's own optimizer. The int8 / int8-w16 distinction
-does not apply (the latent weights are fp32).
+This is the accuracy upper bound of integer mode: the same quantization points and scales,
+but float update arithmetic and the rule's own optimizer. It works for every local rule.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
-from edge.nets import NetSpec, layer_forward
-from quant.calibrate import quantize_input
-from quant.plan import A_MAX, QuantPlan, dequantize_param, quantize_param
-from quant.spec import dequantize, pow2_scale, quantize
-
-Metrics = dict[str, Tensor]
+from edge.layers import Executor
+from edge.nets import NetSpec
+from edge.step import local_step
+from quant.plan import QuantPlan
 
 
-def fake_quant_params(plan: QuantPlan, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every planned parameter as the forward pass sees it (dequantized int8 / int32 values);
-    parameters the plan does not cover pass through unchanged."""
-    out = dict(params)
-    for k, pp in plan.params.items():
-        out[k] = dequantize_param(quantize_param(params[k], pp), pp)
-    return out
+def fake_quant(x: Tensor, f: int, lo: int, hi: int) -> Tensor:
+    """dequantize(clamp(round_half_even(x 2^f), lo, hi)) at 2^-f."""
+    s = math.ldexp(1.0, f)
+    return torch.clamp(torch.round(x * s), lo, hi) / s
 
 
-def fake_quant_input(plan: QuantPlan, x: Tensor) -> Tensor:
-    s = pow2_scale(plan.f_in)
-    return dequantize(quantize_input(x, plan.f_in), s)
+class QATExecutor(Executor):
+    def __init__(self, plan: QuantPlan, traced: bool = False):
+        super().__init__("qat", traced=traced, quantized=True)
+        self.plan = plan
+
+    def weight(self, key: str, name: str, w: Tensor) -> Tensor:
+        pp = self.plan.params.get(f"{key}.{name}")
+        return w if pp is None else fake_quant(w, pp.forward_exponent, -127, 127)
+
+    def act(self, key: str, y: Tensor, signed: bool) -> Tensor:
+        lo, hi = (-128, 127) if signed else (0, 255)
+        return fake_quant(y, self.plan.exp(key), lo, hi)
 
 
-def fake_quant_output(y: Tensor, f_y: int) -> Tensor:
-    """uint8 at 2^-f_y (the ReLU output is already >= 0; the clamp saturates at 255)."""
-    s = pow2_scale(f_y)
-    return dequantize(quantize(y, s, 0, 8, False, False), s).clamp(max=A_MAX * s)
-
-
-def qat_step(
-    net: NetSpec,
-    rule,
-    opt,
-    plan: QuantPlan,
-    params: dict[str, Tensor],
-    state: dict[str, Tensor],
-    x1: Tensor,
-    x2: Tensor,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], Metrics]:
-    """One QAT step: (latent params, optimizer state, float views) -> (params', state', metrics).
-
-    `opt` is the rule's `edge.optim.OptimConfig`; metrics as `edge.step.local_step`.
-    """
-    step = state["step"] + 1
-    new_params, new_state = dict(params), dict(state)
-    fq = fake_quant_params(plan, params)
-    x1, x2 = fake_quant_input(plan, x1), fake_quant_input(plan, x2)
-    ctx = rule.context(net, fq, x1, x2)
-    next_input = getattr(rule, "next_input", None)
-    next_context = getattr(rule, "next_context", None)
-    losses = []
-    for i, layer in enumerate(net.layers):
-        w, b = fq[f"enc.{i}.w"], fq[f"enc.{i}.b"]
-        o1, o2 = layer_forward(layer, w, b, x1), layer_forward(layer, w, b, x2)
-        f_y = plan.layers[i].f_y
-        o1 = dataclasses.replace(o1, y=fake_quant_output(o1.y, f_y))
-        o2 = dataclasses.replace(o2, y=fake_quant_output(o2.y, f_y))
-        grads, loss = rule.layer_grads(i, layer, o1, o2, fq, ctx)
-        for name, g in grads.items():  # straight through: the latent weight takes the update
-            new_params[name], upd = opt.update(name, params[name], g, state, step)
-            new_state.update(upd)
-        losses.append(loss)
-        x1, x2 = o1.y, o2.y
-        if next_input is not None:
-            x1, x2 = next_input(i, x1), next_input(i, x2)
-        if next_context is not None:
-            ctx = next_context(i, fq, ctx)
-        del o1, o2, grads
-    new_state["step"] = step
-    layer_loss = torch.stack(losses)
-    return new_params, new_state, {"loss": layer_loss.sum(), "layer_loss": layer_loss}
+def qat_step(net: NetSpec, rule, opt, plan: QuantPlan, params: dict[str, Tensor],
+             state: dict[str, Tensor], x1: Tensor, x2: Tensor, traced: bool = False,
+             donate: bool = False):
+    """One QAT step: (latent params, optimizer state, float views) -> (params', state',
+    metrics); `opt` is the rule's `edge.optim.OptimConfig`."""
+    q1, q2 = (fake_quant(x, plan.f_in, -128, 127) for x in (x1, x2))
+    return local_step(net, rule, opt, params, state, q1, q2, ex=QATExecutor(plan, traced),
+                      donate=donate)

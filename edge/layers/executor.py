@@ -17,18 +17,20 @@ chunk alive at a time (the lower peak of a device), with the same sums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
 from torch import Tensor
 
 
-@dataclass(frozen=True)
 class Executor:
-    name: str
-    traced: bool = False
-    integer: bool = False
-    quantized: bool = False  # requantization points exist (QAT and integer): see nets.block
-    chunk_rows: int | None = None  # None: the whole batch in one adjoint call
+    def __init__(self, name: str, traced: bool = False, integer: bool = False,
+                 quantized: bool = False, chunk_rows: int | None = None):
+        self.name, self.traced, self.integer = name, traced, integer
+        self.quantized = quantized  # requantization points exist (QAT, integer): nets.block
+        self.chunk_rows = chunk_rows  # None: the whole batch in one adjoint call
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, traced={self.traced})"
 
     def weight(self, key: str, name: str, w: Tensor) -> Tensor:
         """A parameter as the forward pass multiplies by it (QAT: fake-quantized)."""
@@ -44,9 +46,9 @@ class Executor:
         return y
 
     def with_chunks(self, rows: int | None) -> Executor:
-        from dataclasses import replace
-
-        return replace(self, chunk_rows=rows)
+        out = copy.copy(self)
+        out.chunk_rows = rows
+        return out
 
 
 EAGER = Executor("eager")

@@ -169,9 +169,12 @@ class HingeRule(LocalRule):
                     params[f"rule.{i}.{prefix}{key}"] = t
         return params
 
-    def _pred(self, i: int, prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        keys = (f"rule.{i}.{prefix}{k}" for k in ("B", "U", "V"))
-        return {key.rsplit(".", 1)[1]: params[key] for key in keys if key in params}
+    def _pred(self, i: int, prefix: str, params: dict[str, Tensor], ex=None) -> dict[str, Tensor]:
+        """Block i's predictor of one term as the step multiplies by it (QAT: fake-quantized
+        through the executor's weight hook)."""
+        key = f"rule.{i}.{prefix}"
+        return {k: params[key + k] if ex is None else ex.weight(key[:-1], k, params[key + k])
+                for k in ("B", "U", "V") if key + k in params}
 
     def context(self, net: NetSpec, ex, params: dict[str, Tensor], x: Tensor) -> Any:
         """Both views' top-block codes (stacked, detached) from a forward pass with the
@@ -193,7 +196,8 @@ class HingeRule(LocalRule):
         loss, gz1, gz2, grads = z.new_zeros(()), 0, 0, {}
         for prefix, kind in self.terms:
             c = self._contexts(kind, z, ctx)
-            term, g1, g2, gP = hinge_grads(z[:n], z[n:], c[:n], c[n:], self._pred(i, prefix, params))
+            P = self._pred(i, prefix, params, ex)
+            term, g1, g2, gP = hinge_grads(z[:n], z[n:], c[:n], c[n:], P)
             loss, gz1, gz2 = loss + term, gz1 + g1, gz2 + g2
             grads.update({f"rule.{i}.{prefix}{k}": g for k, g in gP.items()})
         return loss, code.adjoint(ex, zs, torch.cat((gz1, gz2))), grads
