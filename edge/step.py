@@ -31,11 +31,13 @@ Metrics = dict[str, Tensor]
 Tensors = dict[str, Tensor]
 
 
-def block_grads(net: NetSpec, ex, i: int, params: Tensors, saved: Any, g: Any) -> dict:
-    """Block i's parameter gradients from dL/dy, summed over row chunks."""
+def block_grads(net: NetSpec, ex, i: int, params: Tensors, saved: Any, g: Any,
+                chunk: int | None = None) -> dict:
+    """Block i's parameter gradients from dL/dy, summed over row chunks of `ex.chunk_rows`
+    (else `chunk`, else all rows at once)."""
     block = net.blocks[i]
     rows = int((g.t if ex.integer else g).shape[0])
-    chunk = ex.chunk_rows or rows
+    chunk = ex.chunk_rows or chunk or rows
     if chunk >= rows:
         return block.adjoint(ex, i, params, saved, g)
     total: dict = {}
@@ -62,10 +64,13 @@ def block_step(
 ) -> tuple[Any, Tensors, Tensors, Tensor]:
     """Block i of `local_step` (its loop body): -> (next input, block i's new parameters and
     optimizer state, block i's loss). `params`/`state` need hold only block i's tensors and
-    the rule's context inputs; `step` is the 1-based step count."""
+    the rule's context inputs; `step` is the 1-based step count. The adjoint runs over
+    chunks of `ex.chunk_rows` rows, by default one view's rows (a batch of N images per
+    view: N rows), so only one view's full-size error maps live at a time."""
     y, saved = net.blocks[i].forward(ex, i, params, x)
     loss, gy, grads = rule.output_grads(i, ex, y, params, ctx)
-    grads.update(block_grads(net, ex, i, params, saved, gy))
+    rows = int((y.t if ex.integer else y).shape[0])
+    grads.update(block_grads(net, ex, i, params, saved, gy, rows // rule.streams))
     del saved, gy
     new_params, new_state = {}, {}
     for name, g in grads.items():

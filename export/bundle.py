@@ -1,7 +1,7 @@
 """Bundles: everything a device needs to train with nothing but onnxruntime.
 
-    write_bundle(dir, net, rule, opt, params, state, batch_size, target=None, per_layer=False)
-        -> Manifest
+    write_bundle(dir, net, rule, program, params, state, batch_size, target=None,
+                 per_layer=False) -> Manifest
     check_bundle(dir) -> Manifest       EdgeError on anything missing, corrupted or mismatched
 
 A bundle directory holds
@@ -31,13 +31,10 @@ from torch import Tensor
 
 from edge.errors import EdgeError
 from edge.nets import NetSpec
-from edge.optim import OptimConfig
 from export.inference import encoder_graph, integer_encoder_graph
-from export.layers import layer_step_graphs
 from export.manifest import PARAMS, STATE, GraphIO, Manifest
-from export.program import StepProgram
+from export.step import StepProgram, block_graphs, step_graph
 from export.trace import check_model, value_specs
-from export.training_step import training_step
 
 MANIFEST = "manifest.json"
 STATE_FILE = "state.npz"
@@ -90,23 +87,21 @@ def write_bundle(
     out: str | Path,
     net: NetSpec,
     rule: Any,
-    opt: OptimConfig,
+    program: StepProgram,
     params: dict[str, Tensor],
     state: dict[str, Tensor],
     batch_size: int,
     target: Any = None,
     per_layer: bool = False,
-    program: StepProgram | None = None,
 ) -> Manifest:
     out = Path(out)
     _check_dir(out)
-    model, manifest = training_step(net, rule, opt, params, state, batch_size, program=program,
-                                    target=_target_dict(target))
+    model, manifest = step_graph(net, rule, program, params, state, batch_size,
+                                 target=_target_dict(target))
     layer_models: list[onnx.ModelProto] = []
     layer_ios: list[GraphIO] = []
     if per_layer:
-        layer_models, layer_ios = layer_step_graphs(net, rule, opt, params, state, batch_size,
-                                                    program=program)
+        layer_models, layer_ios = block_graphs(net, rule, program, params, state, batch_size)
     if manifest.quant is None:
         infer, infer_io = encoder_graph(net, params, outputs="all", weights="inputs")
     else:  # integer mode: its own network, on the integer stores the step trains

@@ -1,12 +1,15 @@
 """Sizes of ONNX values: element bits, shapes with named dims, and If/Loop/Scan bodies.
 
 The one memory model of an ONNX value, shared by the exporter's memory-aware node order
-(`export.reorder`) and the simulator (`edge.sim`), which sits above the exporter.
+(`export.reorder`) and the simulator (`edge.sim`), which sits above the exporter: a tensor of
+n elements of b bits takes ceil(n b / 8) bytes (`elem_bits`, `nbytes_of`; sub-byte types pack).
 
-`Sizer` turns a value's TypeProto into a `Sized` (name, bytes, shape, dtype), resolving symbolic dims from the
-options (and failing with the option that would fix it). `body_cost` sizes a control-flow
-body conservatively: the sum of every tensor it writes (recursively), plus the names of the
-outer-scope values it reads, which must stay live until the node runs.
+`Sizer` turns a value's TypeProto into a `Sized` (name, bytes, shape, dtype), resolving
+symbolic dims from the options (and failing with the option that would fix it). `body_cost`
+sizes a control-flow body conservatively: the sum of every tensor it writes (recursively), plus
+the names of the outer-scope values it reads, which must stay live until the node runs.
+`static_nbytes` and `tensor_bytes` are the lenient form the exporter uses: a value without a
+static shape or a sized element type is left out instead of failing.
 """
 
 from __future__ import annotations
@@ -46,6 +49,42 @@ def elem_bits(elem_type: int, tensor: str) -> tuple[str, int]:
 
 def nbytes_of(shape: Iterable[int], bits: int) -> int:
     return -(-math.prod(shape) * bits // 8)
+
+
+def static_nbytes(elem_type: int, dims: Iterable[object]) -> int | None:
+    """Bytes of a tensor of ONNX element type `elem_type` and shape `dims`; None when a dim is
+    not a plain non-negative int or the element type has no size (undefined, string)."""
+    shape = list(dims)
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    try:
+        _, bits = elem_bits(elem_type, "")
+    except (EdgeError, KeyError, TypeError, ValueError):
+        return None
+    return nbytes_of(shape, bits)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every main-graph tensor ONNX shape inference (with data propagation) gives a
+    static shape: inputs, outputs, intermediate values, initializers. Values it cannot size are
+    left out; a model shape inference rejects gives {}."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        return {}
+    sizes: dict[str, int] = {}
+    for vi in (*g.input, *g.output, *g.value_info):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            n = static_nbytes(tt.elem_type, dims)
+            if n is not None:
+                sizes[vi.name] = n
+    for t in g.initializer:
+        n = static_nbytes(t.data_type, list(t.dims))
+        if n is not None:
+            sizes[t.name] = n
+    return sizes
 
 
 class Sizer:

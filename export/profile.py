@@ -1,59 +1,74 @@
 """Operator profiles of exported graphs: `plain` (as traced) and `npu` (what NPU compilers take).
 
-    apply_profile(model, profile) -> model        profile in PROFILES; "plain" returns it as is
-    npu_violations(model) -> list[str]            what keeps a graph out of the npu profile
+    apply_profile(model, profile) -> model      profile in PROFILES; "plain" returns it as is
+    npu_profile(model) -> model                 the npu profile (the passes below, in order)
+    npu_violations(model) -> list[str]          what keeps a graph out of the npu profile
+    profile_bundle(bundle, profile) -> files    a written bundle's training graphs, rewritten
 
 Why: NPU graph compilers (QNN HTP, IREE's embedded targets, vendor toolchains) want static
-shapes and plain arithmetic. A comparison whose boolean feeds arithmetic through Cast,
-Where or Sign fails QNN HTP's fp32 graph finalisation (QNN_COMMON_ERROR_MEM_ALLOC), and the
-max-pool backward of the plain graph (MaxPool's Indices output and a ScatterElements by
-them) is not supported by QNN at all and crashes IREE's llvm-cpu code. The npu profile
-rewrites exactly those patterns and leaves everything else alone. Its contract:
+shapes and plain arithmetic. A comparison whose boolean feeds arithmetic through Cast, Where
+or Sign fails QNN HTP's fp32 graph finalisation (QNN_COMMON_ERROR_MEM_ALLOC), and scatters,
+MaxPool's Indices output and Range are not QNN ops. The traced layer library emits none of
+the latter (max-pool routing is Where + stack / pad, see `edge.layers.pool`), but it compares
+a lot: max-pool windows (Equal of a slice of x and the pooled y, on floats or 8-bit / int32
+integers), argmax offsets (Equal of a uint8 tensor and a constant), activation masks. The npu
+profile rewrites booleans into arithmetic and leaves everything else alone. Its contract:
 
   interface   the same graph inputs and outputs (names, dtypes, shapes) as the plain graph
-  numbers     the same values for finite inputs: every rewrite below is exact in IEEE
-              arithmetic with gradual underflow (NaN propagates differently; a step whose
-              numbers are NaN is already lost, and training stops on a non-finite loss)
-  operators   no Greater / Less / GreaterOrEqual / LessOrEqual / Equal / Not / And / Or /
-              Xor / Where / Sign / ScatterElements / Range, no MaxPool Indices output, every
-              tensor's shape static (`npu_violations` checks all of it)
+  numbers     the same values for finite inputs, each rewrite exact in IEEE arithmetic with
+              gradual underflow and in integer arithmetic without overflow (NaN propagates
+              differently, and a zero may come out with the other sign: 0 * -3 = -0 where
+              Where picks a +0; a step whose numbers are NaN is already lost, and training
+              stops on a non-finite loss)
+  operators   no Greater / Less / GreaterOrEqual / LessOrEqual / Equal / Not / And / Or / Xor
+              / Where / Sign / ScatterElements / ScatterND / Range / NonZero, no Cast from
+              bool, no MaxPool Indices output, every tensor's shape static (`npu_violations`
+              checks all of it, If / Loop / Scan bodies included)
 
-The rewrites, in order:
-  1. fold     nodes whose inputs are all constants and whose outputs are small (the
-              exporter's shape arithmetic, e.g. Equal/Where over an Expand's shape) become
-              initializers: static shapes, no comparison left in shape computations
-  2. pools    ScatterElements(zeros, Reshape(Transpose(Sub(MaxPool.Indices, base))), U),
-              the gradient routed to each 2x2 window's argmax, becomes first-argmax masks:
-              eq_k = 1 - Ceil(Clip(Y - x_k, 0, 1)) for the window's four elements x_k
-              (Y - x_k >= 0 is 0 exactly when x_k is the max), m_k = eq_k * prod_{j<k}
-              (1 - eq_j) (torch's argmax is the first maximum in row-major window order,
-              ties included), then U * m_k for the four positions interleaved back to full
-              resolution by Concat + DepthToSpace (+ Pad for odd sizes)
-  3. booleans every boolean becomes a 0/1 tensor of a numeric type:
-              float  a > b  ->  Ceil(Clip(a - b, 0, 1))   (a - b > 0 iff a > b, and
-                                Clip/Ceil map (0, 1] to 1 and <= 0 to 0, exactly)
-                     a == b ->  1 - Ceil(Clip(Abs(a - b), 0, 1));  <, >=, <= likewise
-              integer a > c ->  Clip(a, c, c + 1) - c      for a constant scalar c: no
-                                subtraction of a and c, so no overflow anywhere;
-                                a < c -> c - Clip(a, c - 1, c); ==, >=, <= from those two
-              Not / And / Or / Xor -> 1 - s, s t, s + t - s t, s + t - 2 s t
-              Cast(bool -> T) -> the 0/1 tensor (cast if its type is not T)
-              Where(s, x, y)  -> s x + (1 - s) y;   Sign(x) -> step(x) - step(-x)
-              (integer Sign -> Clip(x, -1, 1))
+The passes, in order:
+  1. fold     `export.passes.FoldPass`: constants folded (small ConstantOfShape chains too, e.g.
+              a Pad's pads) and lifted to initializers, so shapes are static and no comparison
+              is left in shape computations; then ONNX shape inference for every value's type
+  2. booleans `BooleansToArithmeticPass`: every boolean of the main graph becomes a 0/1
+              tensor of a numeric type, and its readers read that instead:
+              float    a > b  ->  Ceil(Clip(a - b, 0, 1))   (a - b > 0 iff a > b, exactly, with
+                                  gradual underflow; Clip / Ceil map (0, 1] to 1 and <= 0 to 0)
+                       a == b ->  1 - Ceil(Clip(Abs(a - b), 0, 1));  <, >=, <= likewise
+              integer, one side a constant scalar c (no subtraction of the two sides):
+                       a > c  ->  Clip(a, c, c + 1) - c,  a < c -> c - Clip(a, c - 1, c);
+                       >=, <=, == from those at c - 1, c + 1 (a constant 0 or 1 where c is at
+                       the type's limit); int16 / uint16 first cast to int32 (onnxruntime has
+                       no Clip for them)
+              integer, two tensors: both widened before the subtraction, int8 / uint8 / int16
+                       / uint16 to int32 and int32 / uint32 to int64, so a - b cannot overflow;
+                       then a > b -> Clip(a - b, 0, 1), a == b -> 1 - Clip(Abs(a - b), 0, 1).
+                       Two int64 / uint64 tensors have no wider type: left, and reported
+              Not / And / Or / Xor -> 1 - s, s t, s + t - s t, s + t - 2 s t;  bool == bool is
+                       1 - xor
+              Cast(bool -> T) -> the 0/1 tensor (cast to T if it is not of type T);
+              Cast(x -> bool) -> [x != 0] (1 - the == 0 form)
+              Where(s, x, y)  -> s x + (1 - s) y in x's type (float or integer: one of the two
+                       products is 0, so nothing overflows); s x for a scalar y = 0
+              Sign(x) -> step(x) - step(-x) for floats, Clip(x, -1, 1) for integers
+              Identity / Reshape / (Un)Squeeze / Expand / Transpose / Slice / Flatten / Tile /
+              Gather / Concat of booleans -> the same op on the 0/1 tensors
+  3. cleanup  the booleans nobody reads any more removed, shapes inferred again
 A pattern the profile does not know is left as it is, and `npu_violations` names it.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx_ir.passes import common
 
 from edge.errors import EdgeError
+from export.passes import FoldPass, run_passes
 
 PROFILES = ("plain", "npu")
 DEFAULT_PROFILE = "plain"
@@ -61,10 +76,17 @@ BOOLEAN_OPS = ("Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not
                "Or", "Xor")
 BANNED_OPS = frozenset((*BOOLEAN_OPS, "Where", "Sign", "ScatterElements", "ScatterND",
                         "Range", "NonZero"))
-FOLD_MAX_ELEMENTS = 64  # shape arithmetic is a few elements; big splats stay ConstantOfShape
-_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-_INTS = (TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
-         TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32)
+
+D = ir.DataType
+FLOATS = frozenset((D.FLOAT, D.FLOAT16, D.DOUBLE, D.BFLOAT16))
+INTS = frozenset((D.INT8, D.INT16, D.INT32, D.INT64, D.UINT8, D.UINT16, D.UINT32, D.UINT64))
+WIDER = {D.INT8: D.INT32, D.UINT8: D.INT32, D.INT16: D.INT32, D.UINT16: D.INT32,
+         D.INT32: D.INT64, D.UINT32: D.INT64}  # exact a - b for any two values
+NO_CLIP = frozenset((D.INT16, D.UINT16))  # no onnxruntime Clip kernel: compared in int32
+MOVES = frozenset(("Identity", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose",
+                   "Slice", "Flatten", "Tile", "Gather"))  # data input 0, moved not computed
+FLIP = {"Greater": "Less", "Less": "Greater", "GreaterOrEqual": "LessOrEqual",
+        "LessOrEqual": "GreaterOrEqual", "Equal": "Equal"}
 
 
 def apply_profile(model: onnx.ModelProto, profile: str) -> onnx.ModelProto:
@@ -80,477 +102,375 @@ def check_profile(profile: str) -> None:
         raise EdgeError(f"unknown operator profile {profile!r}; valid: {', '.join(PROFILES)}")
 
 
+def _infer() -> common.ShapeInferencePass:
+    return common.ShapeInferencePass(strict_mode=False, data_prop=True)
+
+
 def npu_profile(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` in the npu profile: same interface, same numbers (module docstring)."""
     from export.trace import check_model
 
-    g = _Graph(model)
-    g.fold()
-    g.rewrite_pools()
-    g.rewrite_booleans()
-    out = g.build()
-    names_in = [i.name for i in model.graph.input]
-    names_out = [o.name for o in model.graph.output]
-    check_model(out, names_in, names_out)
+    out = run_passes(model, FoldPass(), _infer(), BooleansToArithmeticPass(),
+                     common.RemoveUnusedNodesPass(), _infer())
+    check_model(out, [i.name for i in model.graph.input], [o.name for o in model.graph.output])
     return out
 
 
 def npu_violations(model: onnx.ModelProto) -> list[str]:
     """Every reason the graph is not in the npu profile: banned operators (with counts),
-    MaxPool Indices outputs, casts from bool, tensors without a static shape."""
+    MaxPool Indices outputs, casts from bool, main-graph tensors without a static shape."""
+    ir_model = ir.serde.deserialize_model(model)
+    _infer()(ir_model)
+    graph = ir_model.graph
     counts: dict[str, int] = {}
-    types = _elem_types(model)
-    for n in model.graph.node:
+    for n in graph.all_nodes():
         key = None
+        if n.domain not in ("", "ai.onnx"):
+            continue
         if n.op_type in BANNED_OPS:
             key = n.op_type
-        elif n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]:
+        elif n.op_type == "MaxPool" and len(n.outputs) > 1 and n.outputs[1].name:
             key = "MaxPool with Indices"
-        elif n.op_type == "Cast" and types.get(n.input[0]) == TensorProto.BOOL:
+        elif n.op_type == "Cast" and n.inputs[0] is not None and n.inputs[0].dtype == D.BOOL:
             key = "Cast from bool"
         if key:
             counts[key] = counts.get(key, 0) + 1
     out = [f"{k} x{v}" for k, v in sorted(counts.items())]
-    dynamic = _dynamic_tensors(model)
+    values = [*graph.inputs, *(o for n in graph for o in n.outputs if o.name)]
+    dynamic = [v.name or "?" for v in values if not _static(v)]
     if dynamic:
-        out.append(f"dynamic shapes: {', '.join(dynamic[:5])}" + (" ..." if len(dynamic) > 5
-                                                                   else ""))
+        more = " ..." if len(dynamic) > 5 else ""
+        out.append(f"dynamic shapes: {', '.join(dynamic[:5])}{more}")
     return out
 
 
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+def _static(v: ir.Value) -> bool:
+    return v.shape is not None and all(isinstance(d, int) for d in v.shape.dims)
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = _inferred(model)
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
-    types.update({i.name: i.data_type for i in g.initializer})
-    return types
+class BooleansToArithmeticPass(ir.passes.InPlacePass):
+    """Every boolean of the main graph as exact 0/1 arithmetic (module docstring, pass 2).
+    Needs the values' dtypes (shape inference first); leaves the dead booleans to
+    RemoveUnusedNodesPass."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rewriter = _Booleans(model.graph)
+        rewriter.run()
+        return ir.passes.PassResult(model, modified=rewriter.modified)
 
 
-def _dynamic_tensors(model: onnx.ModelProto) -> list[str]:
-    g = _inferred(model).graph
-    bad = []
-    for v in (*g.input, *g.value_info, *g.output):
-        t = v.type.tensor_type
-        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
-            bad.append(v.name)
-    return bad
+def _constant(v: ir.Value | None) -> np.ndarray | None:
+    if v is None or v.is_graph_input():
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    return None if t is None else t.numpy()
 
 
-class _Graph:
-    """A mutable view of one graph: nodes in topological order, constants by name."""
+def _rank(v: ir.Value) -> int | None:
+    return None if v.shape is None else v.shape.rank()
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
-        self.nodes: list[onnx.NodeProto] = list(self.model.graph.node)
-        self.consts: dict[str, np.ndarray] = {
-            i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
-        self.inputs = {i.name for i in self.model.graph.input}
-        self.outputs = [o.name for o in self.model.graph.output]
-        self.types = _elem_types(self.model)
-        self._shapes: dict[str, list[int | None]] | None = None
-        self._count = 0
-        self.alias: dict[str, str] = {}  # a tensor replaced by another of the same value
 
-    # ------------------------------------------------------------------ helpers
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}__npu{self._count}"
+def _scalar_like(c: np.ndarray | None, rank: int | None) -> bool:
+    """A one-element constant that broadcasting against a rank-`rank` tensor leaves alone."""
+    return c is not None and c.size == 1 and rank is not None and c.ndim <= rank
 
-    def const(self, value: Any, elem_type: int) -> str:
-        """A scalar (or small array) initializer of the given ONNX element type."""
-        arr = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
-        name = self.fresh("const")
-        self.consts[name] = arr
-        return name
 
-    def node(self, out: list[onnx.NodeProto], op: str, inputs: list[str], hint: str,
-             output: str | None = None, **attrs: Any) -> str:
-        name = output or self.fresh(hint)
-        out.append(helper.make_node(op, inputs, [name], name=self.fresh(hint + "/" + op),
-                                    **attrs))
-        return name
+class _Booleans:
+    """The rewrite of one graph: `num` maps each boolean value to its 0/1 tensor."""
 
-    def shapes(self) -> dict[str, list[int | None]]:
-        if self._shapes is None:
-            g = _inferred(self.build()).graph
-            self._shapes = {
-                v.name: [d.dim_value if d.HasField("dim_value") else None
-                         for d in v.type.tensor_type.shape.dim]
-                for v in (*g.value_info, *g.input, *g.output)}
-            self._shapes.update({k: list(v.shape) for k, v in self.consts.items()})
-        return self._shapes
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.num: dict[ir.Value, ir.Value] = {}
+        self.consts: dict[tuple[Any, ...], ir.Value] = {}
+        self.names = {v.name for g in (graph, *graph.subgraphs())
+                      for v in (*g.inputs, *g.initializers.values(),
+                                *(o for n in g for o in n.outputs))}
+        self.count = 0
+        self.at: ir.Node | None = None
+        self.modified = False
 
-    def producers(self) -> dict[str, onnx.NodeProto]:
-        return {o: n for n in self.nodes for o in n.output if o}
-
-    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
-        out: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.nodes:
-            for i in n.input:
-                out.setdefault(i, []).append(n)
+    # ------------------------------------------------------------------ building blocks
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], dtype: ir.DataType,
+           **attrs: Any) -> ir.Value:
+        """A new node before the one being rewritten; its output has type `dtype`."""
+        node = ir.node(op_type, list(inputs), attrs or None)
+        assert self.at is not None
+        self.graph.insert_before(self.at, node)
+        out = node.outputs[0]
+        out.dtype = dtype
         return out
 
-    def build(self) -> onnx.ModelProto:
-        """The model: live nodes only (reachable from the outputs), used initializers only."""
-        for n in self.nodes:
-            for k, i in enumerate(n.input):
-                while i in self.alias:
-                    i = self.alias[i]
-                n.input[k] = i
-        needed = self._live()
-        keep = [n for n in self.nodes if any(o in needed for o in n.output if o)]
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        g = model.graph
-        del g.node[:]
-        g.node.extend(keep)
-        del g.initializer[:]
-        g.initializer.extend(numpy_helper.from_array(v, k) for k, v in self.consts.items()
-                             if k in needed and k not in self.inputs)
-        del g.value_info[:]
-        return model
+    def const(self, value: Any, dtype: ir.DataType) -> ir.Value:
+        """A constant initializer (shared by equal constants)."""
+        arr = np.asarray(value).astype(dtype.numpy())
+        key = (dtype, arr.shape, arr.tobytes())
+        if key not in self.consts:
+            while f"npu_const_{self.count}" in self.names:
+                self.count += 1
+            name = f"npu_const_{self.count}"
+            self.names.add(name)
+            v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(arr, dtype=dtype, name=name))
+            self.graph.register_initializer(v)
+            self.consts[key] = v
+        return self.consts[key]
 
-    def _live(self) -> set[str]:
-        """Every tensor the graph outputs depend on."""
-        needed = set(self.outputs)
-        for n in reversed(self.nodes):
-            if any(o in needed for o in n.output if o):
-                needed.update(i for i in n.input if i)
-        return needed
+    def cast(self, v: ir.Value, dtype: ir.DataType) -> ir.Value:
+        if v.dtype == dtype:
+            return v
+        c = _constant(v)
+        if c is not None:
+            return self.const(c, dtype)  # exact: only 0/1 tensors and widenings come here
+        return self.op("Cast", [v], dtype, to=dtype)
 
-    # ------------------------------------------------------------------ 1. fold
-    def fold(self) -> None:
-        from onnx.reference import ReferenceEvaluator
+    def bool01(self, v: ir.Value | None, dtype: ir.DataType | None) -> ir.Value | None:
+        """The 0/1 tensor of boolean `v` (a rewritten one, or a constant), in `dtype` when
+        given; None when `v` is neither."""
+        if v is None:
+            return None
+        if v in self.num:
+            s = self.num[v]
+            return s if dtype is None else self.cast(s, dtype)
+        c = _constant(v)
+        if c is None or c.dtype != np.bool_:
+            return None
+        return self.const(c, D.INT64 if dtype is None else dtype)
 
-        kept = []
-        opset = [o for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
-        for n in self.nodes:
-            ins = [i for i in n.input if i]
-            if (n.domain not in ("", "ai.onnx") or n.op_type.startswith("Random")
-                    or not ins or any(i not in self.consts or i in self.inputs for i in ins)):
-                kept.append(n)
-                continue
-            graph = helper.make_graph(
-                [n], "fold", [], [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
-                                  for o in n.output if o],
-                [numpy_helper.from_array(self.consts[i], i) for i in set(ins)])
-            try:
-                values = ReferenceEvaluator(helper.make_model(graph, opset_imports=opset)).run(
-                    None, {})
-            except Exception:  # an op the reference cannot evaluate: leave it to the runtime
-                kept.append(n)
-                continue
-            if any(np.asarray(v).size > FOLD_MAX_ELEMENTS for v in values):
-                kept.append(n)
-                continue
-            for o, v in zip([o for o in n.output if o], values, strict=True):
-                self.consts[o] = np.asarray(v)
-                self.types[o] = helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype)
-        self.nodes = kept
-        self._shapes = None
+    def replace(self, old: ir.Value, new: ir.Value) -> None:
+        """Readers of `old` read `new` (the same values); a graph output keeps its name."""
+        if old.is_graph_output():
+            if new.producer() is None or new.is_graph_output() or new in self.num.values():
+                new = self.op("Identity", [new], new.dtype or D.UNDEFINED)
+            name = old.name
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            new.name = name
+        else:
+            old.replace_all_uses_with(new)
+        if new.shape is None:
+            new.shape = old.shape
+        self.modified = True
 
-    # ------------------------------------------------------------------ 2. pools
-    def rewrite_pools(self) -> None:
-        prod = self.producers()
-        new: list[onnx.NodeProto] = []
-        changed = False
-        for n in self.nodes:
-            match = self._pool_scatter(n, prod) if n.op_type == "ScatterElements" else None
-            if match is None:
-                new.append(n)
+    # ------------------------------------------------------------------ the rewrite
+    def run(self) -> None:
+        handlers = {"Cast": self._cast, "Where": self._where, "Sign": self._sign,
+                    "Not": self._logic, "And": self._logic, "Or": self._logic,
+                    "Xor": self._logic, "Concat": self._concat}
+        for node in list(self.graph):
+            if node.domain not in ("", "ai.onnx"):
                 continue
-            self._emit_pool_backward(new, n, *match)
-            changed = True
-        if not changed:
+            self.at = node
+            if node.op_type in FLIP:
+                a, b = node.inputs[0], node.inputs[1]
+                s = self.compare(node.op_type, a, b) if a is not None and b is not None else None
+                if s is not None:
+                    self.num[node.outputs[0]] = s
+            elif node.op_type in handlers:
+                handlers[node.op_type](node)
+            elif node.op_type in MOVES:
+                self._move(node)
+
+    def _logic(self, node: ir.Node) -> None:
+        first = next((v for v in node.inputs if v in self.num), None)
+        if first is None:
             return
-        self.nodes = new
-        used = self._live()
-        for m in self.nodes:  # an Indices output nobody reads any more: a plain MaxPool
-            if m.op_type == "MaxPool" and len(m.output) > 1 and m.output[1] not in used:
-                del m.output[1:]
-        self._shapes = None
+        t = self.num[first].dtype
+        ins = [self.bool01(v, t) for v in node.inputs]
+        if t is None or any(s is None for s in ins):
+            return
+        s, *rest = ins
+        one = self.const(1, t)
+        if node.op_type == "Not":
+            r = self.op("Sub", [one, s], t)
+        else:
+            u = rest[0]
+            st = self.op("Mul", [s, u], t)
+            if node.op_type == "And":
+                r = st
+            else:
+                total = self.op("Add", [s, u], t)
+                twice = st if node.op_type == "Or" else self.op("Add", [st, st], t)
+                r = self.op("Sub", [total, twice], t)
+        self.num[node.outputs[0]] = r
 
-    def _pool_scatter(self, n: onnx.NodeProto, prod: dict[str, onnx.NodeProto]) -> Any:
-        """(pool node, perm, updates) when `n` routes a 2x2/stride-2 max-pool's gradient to
-        its argmax exactly as edge.nets.layer_backward does; None otherwise."""
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if attrs.get("reduction", b"none") not in (b"none", "none"):
-            return None
-        data, indices, updates = n.input
-        zeros = self._constant_value(data, prod)
-        shapes = self.shapes()
-        dshape = shapes.get(data)
-        if zeros is None or np.any(zeros) or not dshape or None in dshape or len(dshape) != 3:
-            return None
-        if attrs.get("axis", 0) not in (2, -1):
-            return None
-        reshape = prod.get(indices)
-        if reshape is None or reshape.op_type != "Reshape":
-            return None
-        src = prod.get(reshape.input[0])
-        perm = [0, 1, 2, 3]
-        if src is not None and src.op_type == "Transpose":
-            perm = list(helper.get_attribute_value(src.attribute[0]))
-            src = prod.get(src.input[0])
-        if perm not in ([0, 1, 2, 3], [1, 0, 2, 3]) or src is None or src.op_type != "Sub":
-            return None
-        pool = prod.get(src.input[0])
-        if pool is None or pool.op_type != "MaxPool" or len(pool.output) < 2:
-            return None
-        if src.input[0] != pool.output[1] or not _is_2x2_pool(pool):
-            return None
-        xshape = shapes.get(pool.input[0])
-        if not xshape or None in xshape or len(xshape) != 4:
-            return None
-        nb, c, h, w = xshape
-        base = self._constant_value(src.input[1], prod)
-        plane = np.arange(nb * c, dtype=np.int64).reshape(nb, c, 1, 1) * (h * w)
-        if base is None or not np.array_equal(np.broadcast_to(base, plane.shape), plane):
-            return None  # not the per-plane offset: the indices mean something else
-        d0, d1 = (nb, c) if perm == [0, 1, 2, 3] else (c, nb)
-        ho, wo = h // 2, w // 2
-        ushape = shapes.get(updates)
-        if dshape != [d0, d1, h * w] or ushape != [d0, d1, ho * wo]:
-            return None
-        return pool, perm, updates, (nb, c, h, w)
+    def _cast(self, node: ir.Node) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        to = D(node.attributes["to"].as_int())
+        if x is None:
+            return
+        if x in self.num:
+            if to == D.BOOL:
+                self.num[out] = self.num[x]
+            else:
+                self.replace(out, self.cast(self.num[x], to))
+        elif to == D.BOOL and x.dtype in FLOATS | INTS:
+            eq = self.compare("Equal", x, self.const(0, x.dtype))
+            if eq is not None:
+                t = eq.dtype or D.INT64
+                self.num[out] = self.op("Sub", [self.const(1, t), eq], t)
 
-    def _constant_value(self, name: str, prod: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-        """The value of a tensor computed from constants only (small cones), else None."""
-        if name in self.consts:
-            return self.consts[name]
-        from onnx.reference import ReferenceEvaluator
+    def _where(self, node: ir.Node) -> None:
+        cond, x, y = node.inputs
+        out = node.outputs[0]
+        if x is None or y is None or x.dtype != y.dtype or x.dtype not in FLOATS | INTS:
+            return
+        t = x.dtype
+        s = self.bool01(cond, t)
+        if s is None:
+            return
+        xc, yc, rank = _constant(x), _constant(y), _rank(out)
+        if _scalar_like(yc, rank) and not yc.any():
+            r = self.op("Mul", [s, x], t)
+        elif _scalar_like(xc, rank) and not xc.any():
+            r = self.op("Mul", [self.op("Sub", [self.const(1, t), s], t), y], t)
+        else:
+            sx = self.op("Mul", [s, x], t)
+            rest = self.op("Mul", [self.op("Sub", [self.const(1, t), s], t), y], t)
+            r = self.op("Add", [sx, rest], t)
+        self.replace(out, r)
 
-        cone, todo, seen = [], [name], set()
-        while todo:
-            t = todo.pop()
-            if t in seen or t in self.consts:
-                continue
-            seen.add(t)
-            p = prod.get(t)
-            if p is None or t in self.inputs or len(cone) > 16:
+    def _sign(self, node: ir.Node) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        t = None if x is None else x.dtype
+        if x is None or t not in FLOATS | INTS:
+            return
+        if t in FLOATS:
+            neg = self.op("Neg", [x], t)
+            r = self.op("Sub", [self.step(x, t), self.step(neg, t)], t)
+        else:
+            w = D.INT32 if t in NO_CLIP else t
+            lo = -1 if t.is_signed() else 0
+            r = self.op("Clip", [self.cast(x, w), self.const(lo, w), self.const(1, w)], w)
+            r = self.cast(r, t)
+        self.replace(out, r)
+
+    def _move(self, node: ir.Node) -> None:
+        x = node.inputs[0]
+        if x not in self.num:
+            return
+        s = self.num[x]
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        self.num[node.outputs[0]] = self.op(node.op_type, [s, *node.inputs[1:]],
+                                            s.dtype or D.INT64, **attrs)
+
+    def _concat(self, node: ir.Node) -> None:
+        first = next((v for v in node.inputs if v in self.num), None)
+        if first is None:
+            return
+        t = self.num[first].dtype
+        ins = [self.bool01(v, t) for v in node.inputs]
+        if t is None or any(s is None for s in ins):
+            return
+        axis = node.attributes["axis"].as_int()
+        self.num[node.outputs[0]] = self.op("Concat", ins, t, axis=axis)
+
+    # ------------------------------------------------------------------ comparisons
+    def step(self, d: ir.Value, t: ir.DataType) -> ir.Value:
+        """[d > 0] for a float tensor d: Ceil(Clip(d, 0, 1)), exact."""
+        clip = self.op("Clip", [d, self.const(0, t), self.const(1, t)], t)
+        return self.op("Ceil", [clip], t)
+
+    def compare(self, op: str, a: ir.Value, b: ir.Value) -> ir.Value | None:
+        """The 0/1 tensor of `op`(a, b); None when the profile has no exact form for it."""
+        t = a.dtype
+        if t is None or t != b.dtype:
+            return None
+        if t == D.BOOL and op == "Equal":
+            sa, sb = self.bool01(a, None), None
+            if sa is not None:
+                sb = self.bool01(b, sa.dtype)
+            if sa is None or sb is None:
                 return None
-            cone.append(p)
-            todo.extend(i for i in p.input if i)
-        order = [m for m in self.nodes if m in cone]
-        used = {i for m in order for i in m.input if i in self.consts}
-        graph = helper.make_graph(
-            order, "cone", [], [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)],
-            [numpy_helper.from_array(self.consts[i], i) for i in used])
-        opset = [o for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
-        try:
-            return np.asarray(ReferenceEvaluator(helper.make_model(graph, opset_imports=opset))
-                              .run(None, {})[0])
-        except Exception:
-            return None
-
-    def _emit_pool_backward(self, out: list[onnx.NodeProto], scatter: onnx.NodeProto,
-                            pool: onnx.NodeProto, perm: list[int], updates: str,
-                            shape: tuple[int, int, int, int]) -> None:
-        nb, c, h, w = shape
-        ho, wo = h // 2, w // 2
-        x, y, hint = pool.input[0], pool.output[0], scatter.name or "pool"
-        ft = self.types.get(x, TensorProto.FLOAT)
-        one, zero = self.const(1, ft), self.const(0, ft)
-        ends, axes, steps = (self.const([2 * ho, 2 * wo], TensorProto.INT64),
-                             self.const([2, 3], TensorProto.INT64),
-                             self.const([2, 2], TensorProto.INT64))
-        rest, masks = None, []
-        for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # row-major: torch's argmax order
-            xk = self.node(out, "Slice", [x, self.const([i, j], TensorProto.INT64), ends, axes,
-                                          steps], hint)
-            diff = self.node(out, "Sub", [y, xk], hint)
-            step = self.node(out, "Ceil", [self.node(out, "Clip", [diff, zero, one], hint)], hint)
-            eq = self.node(out, "Sub", [one, step], hint)  # 1 where x_k is the window's max
-            masks.append(eq if rest is None else self.node(out, "Mul", [eq, rest], hint))
-            if (i, j) != (1, 1):
-                not_eq = step  # 1 - eq
-                rest = not_eq if rest is None else self.node(out, "Mul", [rest, not_eq], hint)
-        d0, d1 = (nb, c) if perm == [0, 1, 2, 3] else (c, nb)
-        u = self.node(out, "Reshape", [updates, self.const([d0, d1, ho, wo], TensorProto.INT64)],
-                      hint)
-        parts = []
-        for m in masks:
-            if perm != [0, 1, 2, 3]:
-                m = self.node(out, "Transpose", [m], hint, perm=perm)
-            parts.append(self.node(out, "Mul", [u, m], hint))
-        cat = self.node(out, "Concat", parts, hint, axis=1)
-        full = self.node(out, "DepthToSpace", [cat], hint, blocksize=2, mode="DCR")
-        if (h, w) != (2 * ho, 2 * wo):  # floor-mode pooling never routes to the odd edge
-            pads = self.const([0, 0, 0, 0, 0, 0, h - 2 * ho, w - 2 * wo], TensorProto.INT64)
-            full = self.node(out, "Pad", [full, pads], hint)
-        self.node(out, "Reshape", [full, self.const([d0, d1, h * w], TensorProto.INT64)], hint,
-                  output=scatter.output[0])
-
-    # ------------------------------------------------------------------ 3. booleans
-    def rewrite_booleans(self) -> None:
-        self.types = _elem_types(self.build())
-        self.types.update({k: helper.np_dtype_to_tensor_dtype(v.dtype)
-                           for k, v in self.consts.items()})
-        num: dict[str, tuple[str, int]] = {}  # bool tensor -> (its 0/1 tensor, numeric type)
-        new: list[onnx.NodeProto] = []
-        for n in self.nodes:
-            if not self._boolean(new, n, num):
-                new.append(n)
-        self.nodes = new
-        self._shapes = None
-
-    def _boolean(self, out: list[onnx.NodeProto], n: onnx.NodeProto,
-                 num: dict[str, tuple[str, int]]) -> bool:
-        """Emit the arithmetic form of `n` into `out`; False (nothing emitted) if unknown."""
-        op, hint = n.op_type, n.name or n.op_type
-        if op in ("Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"):
-            made = self._compare(out, op, n.input[0], n.input[1], hint)
-            if made is None:
-                return False
-            num[n.output[0]] = made
-            out.append(n)  # the boolean stays until build() finds it dead
-            return True
-        if op in ("Not", "And", "Or", "Xor"):
-            known = [i for i in n.input if i in num]
-            types = {num[i][1] for i in known}
-            if len(types) != 1 or any(i not in num and i not in self.consts for i in n.input):
-                return False
-            t = types.pop()
-            # a constant boolean operand (folded, e.g. 'divisor < 0'): its 0/1 constant
-            s, *rest_ins = [num[i][0] if i in num else
-                            self.const(self.consts[i].astype(np.int64), t) for i in n.input]
-            one = self.const(1, t)
-            if op == "Not":
-                r = self.node(out, "Sub", [one, s], hint)
-            else:
-                v = rest_ins[0]
-                st = self.node(out, "Mul", [s, v], hint)
-                total = self.node(out, "Add", [s, v], hint)
-                if op == "And":
-                    r = st
-                elif op == "Or":
-                    r = self.node(out, "Sub", [total, st], hint)
-                else:
-                    two_st = self.node(out, "Add", [st, st], hint)
-                    r = self.node(out, "Sub", [total, two_st], hint)
-            num[n.output[0]] = (r, t)
-            out.append(n)
-            return True
-        if op == "Cast" and n.input[0] in num:
-            s, t = num[n.input[0]]
-            to = helper.get_attribute_value(n.attribute[0])
-            if to == TensorProto.BOOL:
-                return False
-            if to == t and n.output[0] not in self.outputs:
-                self.alias[n.output[0]] = s  # the 0/1 tensor already has the cast's type
-            else:
-                self.node(out, "Cast", [s], hint, output=n.output[0], to=to)
-            return True
-        if op == "Where" and n.input[0] in num:
-            s, t = num[n.input[0]]
-            x, y = n.input[1], n.input[2]
-            vt = self.types.get(x)
-            if vt is None or vt != self.types.get(y) or vt not in (*_FLOATS, *_INTS):
-                return False
-            if vt != t:
-                s = self.node(out, "Cast", [s], hint, to=vt)
-            sx = self.node(out, "Mul", [s, x], hint)
-            rest = self.node(out, "Sub", [self.const(1, vt), s], hint)
-            ry = self.node(out, "Mul", [rest, y], hint)
-            self.node(out, "Add", [sx, ry], hint, output=n.output[0])
-            return True
-        if op == "Sign":
-            t = self.types.get(n.input[0])
-            if t in _INTS:
-                self.node(out, "Clip", [n.input[0], self.const(-1, t), self.const(1, t)], hint,
-                          output=n.output[0])
-                return True
-            if t not in _FLOATS:
-                return False
-            pos = self._step(out, n.input[0], t, hint)
-            neg = self._step(out, self.node(out, "Neg", [n.input[0]], hint), t, hint)
-            self.node(out, "Sub", [pos, neg], hint, output=n.output[0])
-            return True
-        return False
-
-    def _step(self, out: list[onnx.NodeProto], d: str, t: int, hint: str) -> str:
-        """1 where d > 0, else 0, for a float tensor d: Ceil(Clip(d, 0, 1)), exact."""
-        clip = self.node(out, "Clip", [d, self.const(0, t), self.const(1, t)], hint)
-        return self.node(out, "Ceil", [clip], hint)
-
-    def _compare(self, out: list[onnx.NodeProto], op: str, a: str, b: str,
-                 hint: str) -> tuple[str, int] | None:
-        t = self.types.get(a)
-        if t is None or t != self.types.get(b):
-            return None
-        if t in _FLOATS:
-            return self._compare_float(out, op, a, b, t, hint), t
-        if t in _INTS:
-            r = self._compare_int(out, op, a, b, t, hint)
-            return None if r is None else (r, t)
+            u = sa.dtype or D.INT64
+            st = self.op("Mul", [sa, sb], u)
+            xor = self.op("Sub", [self.op("Add", [sa, sb], u), self.op("Add", [st, st], u)], u)
+            return self.op("Sub", [self.const(1, u), xor], u)
+        if t in FLOATS:
+            return self._float_compare(op, a, b, t)
+        if t in INTS:
+            ca, cb = _constant(a), _constant(b)
+            if _scalar_like(ca, _rank(b)) and not _scalar_like(cb, _rank(a)):
+                a, b, op, ca, cb = b, a, FLIP[op], cb, ca
+            if _scalar_like(cb, _rank(a)):
+                return self._int_vs_constant(op, a, int(cb.reshape(())), t)
+            return self._int_vs_tensor(op, a, b, t)
         return None
 
-    def _sub(self, out: list[onnx.NodeProto], a: str, b: str, hint: str) -> str:
-        value = self.consts.get(b)
-        if value is not None and value.size and not np.any(value) and value.ndim == 0:
-            return a  # a - 0 = a
-        return self.node(out, "Sub", [a, b], hint)
+    def _sub(self, a: ir.Value, b: ir.Value, t: ir.DataType) -> ir.Value:
+        cb = _constant(b)
+        if _scalar_like(cb, _rank(a)) and not cb.any():
+            return a  # a - 0 is a, -0 included
+        return self.op("Sub", [a, b], t)
 
-    def _compare_float(self, out: list[onnx.NodeProto], op: str, a: str, b: str, t: int,
-                       hint: str) -> str:
+    def _float_compare(self, op: str, a: ir.Value, b: ir.Value, t: ir.DataType) -> ir.Value:
         one = self.const(1, t)
         if op == "Greater":
-            return self._step(out, self._sub(out, a, b, hint), t, hint)
+            return self.step(self._sub(a, b, t), t)
         if op == "Less":
-            return self._step(out, self._sub(out, b, a, hint), t, hint)
+            return self.step(self._sub(b, a, t), t)
         if op == "GreaterOrEqual":  # not (b > a)
-            return self.node(out, "Sub", [one, self._step(out, self._sub(out, b, a, hint), t,
-                                                         hint)], hint)
+            return self.op("Sub", [one, self.step(self._sub(b, a, t), t)], t)
         if op == "LessOrEqual":
-            return self.node(out, "Sub", [one, self._step(out, self._sub(out, a, b, hint), t,
-                                                         hint)], hint)
-        diff = self.node(out, "Abs", [self._sub(out, a, b, hint)], hint)  # Equal
-        return self.node(out, "Sub", [one, self._step(out, diff, t, hint)], hint)
+            return self.op("Sub", [one, self.step(self._sub(a, b, t), t)], t)
+        diff = self.op("Abs", [self._sub(a, b, t)], t)  # Equal
+        return self.op("Sub", [one, self.step(diff, t)], t)
 
-    def _compare_int(self, out: list[onnx.NodeProto], op: str, a: str, b: str, t: int,
-                     hint: str) -> str | None:
-        flip = {"Greater": "Less", "Less": "Greater", "GreaterOrEqual": "LessOrEqual",
-                "LessOrEqual": "GreaterOrEqual", "Equal": "Equal"}
-        if a in self.consts and b not in self.consts:
-            a, b, op = b, a, flip[op]
-        value = self.consts.get(b)
-        if value is None or value.size != 1:
-            return None  # two tensors: a - b could overflow; leave it
-        c = int(value.reshape(()))
-        info = np.iinfo(helper.tensor_dtype_to_np_dtype(t))
-        if not info.min < c < info.max:
-            return None
+    def _int_vs_constant(self, op: str, a: ir.Value, c: int, t: ir.DataType) -> ir.Value:
+        """Clip forms: a is never subtracted from c, so nothing can overflow."""
+        info = np.iinfo(t.numpy())
+        if t in NO_CLIP:
+            a, t = self.cast(a, D.INT32), D.INT32
 
-        def gt() -> str:  # [a > c] = Clip(a, c, c + 1) - c
-            clip = self.node(out, "Clip", [a, self.const(c, t), self.const(c + 1, t)], hint)
-            return self.node(out, "Sub", [clip, self.const(c, t)], hint)
+        def fixed(v: int) -> ir.Value:  # v everywhere: Clip(a, v, v)
+            return self.op("Clip", [a, self.const(v, t), self.const(v, t)], t)
 
-        def ge() -> str:  # [a >= c] = Clip(a, c - 1, c) - (c - 1)
-            clip = self.node(out, "Clip", [a, self.const(c - 1, t), self.const(c, t)], hint)
-            return self.node(out, "Sub", [clip, self.const(c - 1, t)], hint)
+        def gt(k: int) -> ir.Value:  # [a > k] = Clip(a, k, k + 1) - k
+            if k >= info.max:
+                return fixed(0)
+            clip = self.op("Clip", [a, self.const(k, t), self.const(k + 1, t)], t)
+            return self.op("Sub", [clip, self.const(k, t)], t)
 
-        one = self.const(1, t)
+        def lt(k: int) -> ir.Value:  # [a < k] = k - Clip(a, k - 1, k)
+            if k <= info.min:
+                return fixed(0)
+            clip = self.op("Clip", [a, self.const(k - 1, t), self.const(k, t)], t)
+            return self.op("Sub", [self.const(k, t), clip], t)
+
         if op == "Greater":
-            return gt()
-        if op == "GreaterOrEqual":
-            return ge()
+            return gt(c)
         if op == "Less":
-            return self.node(out, "Sub", [one, ge()], hint)
+            return lt(c)
+        if op == "GreaterOrEqual":
+            return gt(c - 1) if c > info.min else fixed(1)
         if op == "LessOrEqual":
-            return self.node(out, "Sub", [one, gt()], hint)
-        return self.node(out, "Sub", [ge(), gt()], hint)  # Equal
+            return lt(c + 1) if c < info.max else fixed(1)
+        if c >= info.max:  # Equal
+            return gt(c - 1)
+        if c <= info.min:
+            return lt(c + 1)
+        return self.op("Sub", [gt(c - 1), gt(c)], t)
 
+    def _int_vs_tensor(self, op: str, a: ir.Value, b: ir.Value, t: ir.DataType
+                       ) -> ir.Value | None:
+        """Both sides widened, so a - b is exact; None for 64-bit tensors (no wider type)."""
+        w = WIDER.get(t)
+        if w is None:
+            return None
+        aw, bw = self.cast(a, w), self.cast(b, w)
+        zero, one = self.const(0, w), self.const(1, w)
 
-def _is_2x2_pool(node: onnx.NodeProto) -> bool:
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    return (list(a.get("kernel_shape", [])) == [2, 2] and list(a.get("strides", [1, 1])) == [2, 2]
-            and not any(a.get("pads", [0] * 4)) and not a.get("ceil_mode", 0)
-            and list(a.get("dilations", [1, 1])) == [1, 1] and not a.get("storage_order", 0)
-            and math.prod(a.get("kernel_shape", [])) == 4)
+        def pos(d: ir.Value) -> ir.Value:  # [d > 0] for an integer d
+            return self.op("Clip", [d, zero, one], w)
+
+        if op == "Greater":
+            return pos(self.op("Sub", [aw, bw], w))
+        if op == "Less":
+            return pos(self.op("Sub", [bw, aw], w))
+        if op == "GreaterOrEqual":
+            return self.op("Sub", [one, pos(self.op("Sub", [bw, aw], w))], w)
+        if op == "LessOrEqual":
+            return self.op("Sub", [one, pos(self.op("Sub", [aw, bw], w))], w)
+        diff = self.op("Abs", [self.op("Sub", [aw, bw], w)], w)  # Equal
+        return self.op("Sub", [one, pos(diff)], w)
 
 
 def profile_bundle(bundle: str | Path, profile: str) -> list[str]:

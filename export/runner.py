@@ -6,8 +6,10 @@
     Runner(model_or_path, runtime="iree")      # IREE llvm-cpu on this machine (export.iree)
     runner.run({name: ndarray}) -> {name: ndarray}
 
-    OnnxStepper(net, rule, opt, runtime=...)(params, state, x1, x2) -> (params', state', metrics)
+    OnnxStepper(net, rule, program, runtime=...)(params, state, x1, x2, noise=None)
+        -> (params', state', metrics)         the step (or its per-block graphs) on a runtime
     make_stepper(runtime, net, rule, opt)  # "torch" gives edge.step.train_step itself
+    integer_stepper(runtime, net, rule, plan, qparams)   integer mode's step_fn
 
 OpenVINO is imported lazily (an optional extra) and compiled with INFERENCE_PRECISION_HINT
 f32: its CPU default is bf16, far from torch's numbers. QNN HTP and IREE (optional extras
@@ -31,7 +33,7 @@ from edge.errors import EdgeError
 from edge.nets import NetSpec
 from edge.optim import OptimConfig
 from export.manifest import NEW_PARAMS, NEW_STATE, NOISE, PARAMS, STATE, GraphIO
-from export.program import StepProgram, require_local
+from export.step import StepProgram, fp32_program, require_local
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "qnn-htp", "iree")
 NPU_RUNTIMES = ("qnn-htp", "iree")  # the npu operator profile by default
@@ -86,20 +88,13 @@ class Runner:
         device: str | None = None,
         threads: int = 2,
         options: dict[str, Any] | None = None,
-        speed_passes: bool = True,
     ):
-        """`speed_passes`: onnxruntime runs the graph after `export.passes.onnxruntime_speed`
-        (the same numbers, standard ops; False runs it exactly as given)."""
         if runtime not in RUNTIMES[1:]:
             raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
         if threads < 1:
             raise EdgeError(f"threads must be positive, got {threads}")
         self.runtime, self.threads = runtime, threads
         blob = _model_bytes(model)
-        if runtime == "onnxruntime" and speed_passes:
-            from export.passes import onnxruntime_speed
-
-            blob = onnxruntime_speed(onnx.load_model_from_string(blob)).SerializeToString()
         self.placement: Any = None  # where the nodes went, for accelerator runtimes
         if runtime == "onnxruntime":
             self._init_ort(blob, provider or "CPUExecutionProvider")
@@ -235,22 +230,24 @@ def apply_bindings(carried: Arrays, outputs: Arrays, io: GraphIO) -> None:
 def draw_noise(ios: list[GraphIO], rng: np.random.Generator, low: int, high: int) -> Arrays:
     """Uniform integers in [low, high) for every noise/* input of the graphs."""
     specs = {t.name: t for io in ios for t in io.inputs if t.name.startswith(NOISE)}
-    return {n: rng.integers(low, high, t.shape, dtype=t.dtype) for n, t in specs.items()}
+    return {n: rng.integers(low, high, t.shape, dtype=t.dtype) for n, t in sorted(specs.items())}
 
 
 def run_layer_chain(
     runners: list[Runner], ios: list[GraphIO], carried: Arrays, x1: Any, x2: Any,
     noise: Arrays | None = None,
 ) -> tuple[Arrays, np.ndarray]:
-    """One whole step through the per-layer graphs: y of layer i is x of layer i+1; the
-    bindings apply after the last layer. Returns (new carried inputs, per-layer losses)."""
+    """One whole step through the per-block graphs: block 0 takes the views, every later
+    block the previous one's `y`; the bindings apply after the last block. Returns (new
+    carried inputs, per-block losses)."""
     new, losses, noise = dict(carried), [], noise or {}
+    x = None
     for runner, io in zip(runners, ios, strict=True):
         feeds = {n: carried[n] for n in runner.input_names if n in carried}
         feeds.update({n: noise[n] for n in runner.input_names if n in noise})
-        feeds.update({"x1": x1, "x2": x2})
+        feeds.update({"x1": x1, "x2": x2} if "x1" in runner.input_names else {"x": x})
         outs = runner.run(feeds)
-        x1, x2 = outs["y1"], outs["y2"]
+        x = outs["y"]
         losses.append(outs["loss"])
         apply_bindings(new, outs, io)
     return new, np.stack(losses)
@@ -260,27 +257,30 @@ Step = Callable[..., tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tenso
 
 
 class OnnxStepper:
-    """`edge.step.train_step` for a fixed net/rule/opt, run as an exported graph.
+    """A step program (fp32 by default, or `program`) run as exported graphs on a runtime.
 
-    The graph is exported at the first call (its batch size and the parameter and state
-    shapes fixed from that call) and re-exported if they ever change. `per_layer=True`
-    runs the per-layer graphs in a chain instead of the whole-step graph.
+    The graphs are exported at the first call (the batch size and the parameter and state
+    shapes fixed from that call) and re-exported if they ever change. `per_layer=True` runs
+    the per-block graphs in a chain instead of the whole-step graph. Random bits, where the
+    program rounds stochastically, are the caller's (`noise=`, keyed like the graph inputs
+    without the `noise/` prefix) or drawn from `seed`.
     """
 
     def __init__(
-        self, net: NetSpec, rule: Any, opt: OptimConfig, runtime: str = "onnxruntime",
-        provider: str | None = None, device: str | None = None, threads: int = 2,
-        per_layer: bool = False, program: StepProgram | None = None, seed: int = 0,
-        profile: str | None = None, options: dict[str, Any] | None = None,
+        self, net: NetSpec, rule: Any, opt: OptimConfig | None = None,
+        runtime: str = "onnxruntime", provider: str | None = None, device: str | None = None,
+        threads: int = 2, per_layer: bool = False, program: StepProgram | None = None,
+        seed: int = 0, profile: str | None = None, options: dict[str, Any] | None = None,
     ):
         if runtime not in RUNTIMES[1:]:
             raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES[1:])}")
-        self.net, self.rule, self.opt, self.program = net, rule, opt, program
+        self.net, self.rule = net, rule
+        self.program = program or fp32_program(net, rule, opt)
         self.runner_args = {"runtime": runtime, "provider": provider, "device": device,
                             "threads": threads, "options": options}
         self.profile = profile or ("npu" if runtime in NPU_RUNTIMES else "plain")
         self.per_layer = per_layer
-        self.rng = np.random.default_rng(seed)  # noise bits, when the program rounds
+        self.rng = np.random.default_rng(seed)
         self._key: tuple | None = None
         self._fixed = False  # graphs given by from_graphs: never re-exported
         self._runners: list[Runner] = []
@@ -291,7 +291,8 @@ class OnnxStepper:
             from export.qnn import _register, check_optimizer
 
             _register()
-            check_optimizer(opt.name, (options or {}).get("precision", "fp16"))
+            if opt is not None:
+                check_optimizer(opt.name, (options or {}).get("precision", "fp16"))
         elif runtime == "iree":
             from export.iree import _compiler, _runtime
 
@@ -302,12 +303,12 @@ class OnnxStepper:
 
     @classmethod
     def from_graphs(
-        cls, net: NetSpec, rule: Any, opt: OptimConfig, models: list[onnx.ModelProto],
+        cls, net: NetSpec, rule: Any, opt: OptimConfig | None, models: list[onnx.ModelProto],
         ios: list[GraphIO], **kwargs: Any,
     ) -> OnnxStepper:
-        """A stepper over graphs already exported: one whole-step graph, or the per-layer
+        """A stepper over graphs already exported: one whole-step graph, or the per-block
         graphs in order (then the stepper chains them)."""
-        per_layer = any(t.name == "y1" for t in ios[0].outputs)  # layer graphs pass y on
+        per_layer = any(t.name == "y" for t in ios[0].outputs)  # block graphs pass y on
         stepper = cls(net, rule, opt, per_layer=per_layer, **kwargs)
         from export.profile import apply_profile
 
@@ -317,26 +318,20 @@ class OnnxStepper:
         return stepper
 
     def _build(self, params: dict[str, Tensor], state: dict[str, Tensor], batch: int) -> None:
-        from export.layers import layer_step_graphs
-        from export.training_step import training_step
+        from export.step import block_graphs, step_graph
 
         if self.per_layer:
-            models, self._ios = layer_step_graphs(self.net, self.rule, self.opt, params, state,
-                                                  batch, program=self.program,
-                                                  profile=self.profile)
+            models, self._ios = block_graphs(self.net, self.rule, self.program, params, state,
+                                             batch, profile=self.profile)
         else:
-            model, manifest = training_step(self.net, self.rule, self.opt, params, state, batch,
-                                            program=self.program, profile=self.profile)
+            model, manifest = step_graph(self.net, self.rule, self.program, params, state,
+                                         batch, profile=self.profile)
             models, self._ios = [model], [manifest.step]
         self._runners = [Runner(m, **self.runner_args) for m in models]
 
-    def _noise(self) -> Arrays:
-        low, high = self.program.noise_range if self.program else (0, 1 << 16)
-        return draw_noise(self._ios, self.rng, low, high)
-
     def __call__(
         self, params: dict[str, Tensor], state: dict[str, Tensor], x1: Tensor, x2: Tensor,
-        donate: bool = False,
+        donate: bool = False, noise: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
         """One step; `donate` is accepted for train_step's signature (the runtime always
         returns fresh tensors, the inputs are left untouched)."""
@@ -347,15 +342,17 @@ class OnnxStepper:
             self._key = key
         carried = {PARAMS + k: _numpy(v) for k, v in params.items()}
         carried.update({STATE + k: _numpy(v) for k, v in state.items()})
-        noise = self._noise()
+        if noise is not None:
+            bits = {NOISE + k: _numpy(v) for k, v in noise.items()}
+        else:
+            bits = draw_noise(self._ios, self.rng, 0, 1 << 16)
         if self.per_layer:
             new, layer_loss = run_layer_chain(self._runners, self._ios, carried, _numpy(x1),
-                                              _numpy(x2), noise)
+                                              _numpy(x2), bits)
             metrics = {"loss": torch.from_numpy(np.asarray(layer_loss.sum())),
                        "layer_loss": torch.from_numpy(layer_loss)}
         else:
-            feeds = {**carried, **noise, "x1": x1, "x2": x2}
-            outs = self._runners[0].run(feeds)
+            outs = self._runners[0].run({**carried, **bits, "x1": x1, "x2": x2})
             new = dict(carried)
             apply_bindings(new, outs, self._ios[0])
             metrics = {k: torch.from_numpy(np.asarray(v)) for k, v in outs.items()
@@ -363,6 +360,23 @@ class OnnxStepper:
         new_params = {k: torch.from_numpy(np.asarray(new[PARAMS + k])) for k in params}
         new_state = {k: torch.from_numpy(np.asarray(new[STATE + k])) for k in state}
         return new_params, new_state, metrics
+
+
+def integer_stepper(runtime: str, net: NetSpec, rule: Any, plan: Any,
+                    qparams: dict[str, Tensor], **kwargs: Any) -> Callable:
+    """Integer mode's `step_fn` (`quant.engine.QuantEngine`) on a runtime: the exported
+    integer step graph, fed the engine's own random bits."""
+    from export.step import integer_program
+
+    stepper = OnnxStepper(net, rule, None, runtime=runtime,
+                          program=integer_program(net, rule, plan, qparams), **kwargs)
+
+    def step_fn(stores, x1, x2, noise, count):
+        new, _, metrics = stepper(stores, {"step": count}, x1, x2, noise=noise)
+        return new, metrics
+
+    step_fn.stepper = stepper  # where the nodes went, for the CLI's report
+    return step_fn
 
 
 def make_stepper(

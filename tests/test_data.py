@@ -1,10 +1,11 @@
-"""Tests for edge.data: loaders for every accepted format (synthetic files), real data when
-present, and the augmentation pipeline's reproducibility and exact special cases."""
+"""Tests for edge.data's built-in data sets: loaders for every accepted format (synthetic
+files), their validation, the data-dir rules, and the real data when present."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import tarfile
@@ -17,15 +18,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge import data
-from edge.data import DATASETS, Dataset, ViewConfig, default_views, load, to_float, two_views
+from edge.data import DATASETS, Dataset, default_views, load
+from edge.data import known as K
 from edge.errors import EdgeError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
+_ENV_AT_IMPORT = os.environ.get("EDGE_DATA")
+
+
+def shared_data_dir() -> Path:
+    """The real data folder ($EDGE_DATA, else the checkout's ../shared/data); skips the test
+    when neither holds mnist.npz and cifar10.npz."""
+    for cand in (_ENV_AT_IMPORT, Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if cand and all((Path(cand) / f).is_file() for f in ("mnist.npz", "cifar10.npz")):
+            return Path(cand)
+    pytest.skip("real data not found: set EDGE_DATA to the folder with mnist.npz, cifar10.npz")
 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No ambient $EDGE_DATA, and cwd in an empty dir so fallbacks find nothing by accident."""
+    """No ambient $EDGE_DATA, and cwd in an empty dir so nothing is found by accident."""
     monkeypatch.delenv("EDGE_DATA", raising=False)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -45,7 +56,7 @@ def test_digits_split() -> None:
     ds = load("digits")
     assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
     assert ds.x_train.shape[1:] == (1, 8, 8) and ds.in_shape == (1, 8, 8)
-    assert ds.num_classes == 10
+    assert ds.num_classes == 10 and ds.x_unlabeled is None and ds.x_ssl is ds.x_train
     assert len(ds.x_train) + len(ds.x_test) == 1797 and len(ds.x_train) == len(ds.y_train)
     assert int(ds.x_train.max()) == 255 and int(ds.x_train.min()) == 0
     full = np.bincount(load_digits().target, minlength=10)
@@ -59,7 +70,7 @@ def test_digits_split() -> None:
 
 
 def test_digits_split_deterministic() -> None:
-    a = data._load_digits.__wrapped__()
+    a = K.load_digits.__wrapped__()
     b = load("digits")
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
 
@@ -69,6 +80,7 @@ def test_subset() -> None:
     ds = load("digits", subset=100)
     assert ds.x_train.shape == (100, 1, 8, 8) and torch.equal(ds.x_train, full.x_train[:100])
     assert torch.equal(ds.x_test, full.x_test) and ds.mean == full.mean
+    assert ds.num_classes == 10
     assert len(load("digits", subset=10**6).x_train) == len(full.x_train)
     for bad in (0, -3, 1.5, True):
         with pytest.raises(EdgeError, match="subset"):
@@ -78,9 +90,65 @@ def test_subset() -> None:
 def test_unknown_name() -> None:
     with pytest.raises(EdgeError) as e:
         load("imagenet")
-    assert all(n in str(e.value) for n in DATASETS)
+    assert all(n in str(e.value) for n in DATASETS) and "no file or folder" in str(e.value)
+    with pytest.raises(EdgeError, match="no such file"):
+        load("imagenet.npz")
     with pytest.raises(EdgeError):
         default_views("imagenet")
+    with pytest.raises(EdgeError, match="name or a path"):
+        load(3)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- data dir
+
+
+def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, arg = tmp_path / "env", tmp_path / "arg"
+    env.mkdir()
+    arg.mkdir()
+    monkeypatch.setenv("EDGE_DATA", str(env))
+    assert data.resolve_data_dir(arg) == arg and data.resolve_data_dir(str(arg)) == arg
+    assert data.resolve_data_dir(None) == env and data.resolve_data_dir("") == env
+    monkeypatch.delenv("EDGE_DATA")
+    with pytest.raises(EdgeError) as e:
+        data.resolve_data_dir(None)
+    msg = str(e.value)
+    assert "\n" not in msg and "--data-dir" in msg and "EDGE_DATA" in msg
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_bad_data_dir_never_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       via_env: bool) -> None:
+    """A mistyped dir or a file given as one is an error, even when ./data and
+    ../shared/data (the old fallbacks) hold a valid copy."""
+    np.savez(tmp_path / "good.npz", **_mnist_arrays())
+    for d in (Path.cwd() / "data", Path.cwd().parent / "shared" / "data"):
+        d.mkdir(parents=True)
+        np.savez(d / "mnist.npz", **_mnist_arrays())
+    for bad, why in ((tmp_path / "typo", "does not exist"), (tmp_path / "good.npz", "a file")):
+        if via_env:
+            monkeypatch.setenv("EDGE_DATA", str(bad))
+        for name in ("mnist", "cifar10"):
+            with pytest.raises(EdgeError, match=why) as e:
+                load(name, None if via_env else bad)
+            assert str(bad) in str(e.value) and "\n" not in str(e.value)
+        if not via_env:  # an explicit dir is checked even where it is not read
+            for what in ("digits", tmp_path / "good.npz"):
+                with pytest.raises(EdgeError, match=why):
+                    load(what, bad)
+    with pytest.raises(EdgeError, match="no data directory"):
+        monkeypatch.delenv("EDGE_DATA", raising=False)
+        load("mnist")
+    assert load("digits").name == "digits"  # needs no dir
+
+
+def test_missing_data_message(tmp_path: Path) -> None:
+    for name, accepted in (("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images")):
+        with pytest.raises(EdgeError) as e:
+            load(name, data_dir=tmp_path)
+        msg = str(e.value)
+        assert "\n" not in msg and name in msg and accepted in msg and str(tmp_path) in msg
+        assert "--data-dir" in msg and "EDGE_DATA" in msg
 
 
 # ----------------------------------------------------------------------------- mnist
@@ -90,27 +158,28 @@ def _idx(arr: np.ndarray) -> bytes:
     return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
 
 
-def _mnist_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+def _mnist_arrays(seed: int = 0, hw: tuple[int, int] = (28, 28)) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x_train": rng.integers(0, 256, (7, 5, 4), dtype=np.uint8),
+    return {"x_train": rng.integers(0, 256, (7, *hw), dtype=np.uint8),
             "y_train": rng.integers(0, 10, 7, dtype=np.uint8),
-            "x_test": rng.integers(0, 256, (3, 5, 4), dtype=np.uint8),
+            "x_test": rng.integers(0, 256, (3, *hw), dtype=np.uint8),
             "y_test": rng.integers(0, 10, 3, dtype=np.uint8)}
 
 
 def _write_idx_set(d: Path, arrays: dict[str, np.ndarray], gz: bool) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    for key, base in data._IDX.items():
+    for key, base in K.IDX.items():
         blob = _idx(arrays[key])
         (d / (base + ".gz" if gz else base)).write_bytes(gzip.compress(blob) if gz else blob)
 
 
 def _check_mnist(ds: Dataset, arrays: dict[str, np.ndarray]) -> None:
-    assert ds.x_train.shape == (7, 1, 5, 4) and ds.y_test.dtype == torch.int64
+    assert ds.x_train.shape == (7, 1, 28, 28) and ds.y_test.dtype == torch.int64
     np.testing.assert_array_equal(ds.x_train[:, 0].numpy(), arrays["x_train"])
     np.testing.assert_array_equal(ds.y_train.numpy(), arrays["y_train"])
     np.testing.assert_array_equal(ds.x_test[:, 0].numpy(), arrays["x_test"])
     np.testing.assert_array_equal(ds.y_test.numpy(), arrays["y_test"])
+    assert ds.name == "mnist" and ds.num_classes == 10
 
 
 @pytest.mark.parametrize(("sub", "gz"), [("", False), ("", True), ("mnist", True),
@@ -132,13 +201,13 @@ def test_idx_parser_any_shape(dims: list[int], seed: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / ("x-images-idx3-ubyte" if want_rank == 3 else "y-labels-idx1-ubyte")
         p.write_bytes(_idx(arr))
-        np.testing.assert_array_equal(data._read_idx(p), arr)
+        np.testing.assert_array_equal(K.read_idx(p), arr)
 
 
 def test_mnist_idx_corrupt(tmp_path: Path) -> None:
     arrays = _mnist_arrays()
     _write_idx_set(tmp_path, arrays, gz=False)
-    bad = tmp_path / data._IDX["x_train"]
+    bad = tmp_path / K.IDX["x_train"]
     blob = bytearray(bad.read_bytes())
     blob[2] = 0x0D  # float type code instead of uint8
     bad.write_bytes(bytes(blob))
@@ -157,30 +226,79 @@ def test_mnist_npz_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     np.savez(tmp_path / "mnist.npz", **arrays)
     _check_mnist(load("mnist", data_dir=tmp_path), arrays)
     monkeypatch.setenv("EDGE_DATA", str(tmp_path))
-    assert data.resolve_data_dir(None)[0] == tmp_path
     _check_mnist(load("mnist"), arrays)
     np.savez(tmp_path / "mnist.npz", x_train=arrays["x_train"])  # rewritten: cache must see it
     with pytest.raises(EdgeError, match="lacks arrays"):
         load("mnist")
+    a = _mnist_arrays(1)
+    np.savez(tmp_path / "mnist.npz", **{**a, "x_train": a["x_train"][..., None]})  # N,28,28,1
+    assert load("mnist").x_train.shape == (7, 1, 28, 28)
 
 
-def test_resolve_data_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cwd = Path.cwd()
-    monkeypatch.setenv("EDGE_DATA", str(tmp_path / "env"))
-    assert data.resolve_data_dir(tmp_path / "arg") == [
-        tmp_path / "arg", cwd / "data", cwd.parent / "shared" / "data"]
-    assert data.resolve_data_dir(None)[0] == tmp_path / "env"
+def _bad_mnist(a: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2)
+    if case == "20x20":
+        return _mnist_arrays(hw=(20, 20))
+    if case == "rgb":
+        return {**a, "x_train": rng.integers(0, 256, (7, 28, 28, 3), dtype=np.uint8),
+                "x_test": rng.integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)}
+    if case == "test shape":
+        return {**a, "x_test": rng.integers(0, 256, (3, 27, 28), dtype=np.uint8)}
+    if case == "float labels":
+        return {**a, "y_train": a["y_train"].astype(np.float32)}
+    if case == "float images":
+        return {**a, "x_train": a["x_train"] / 255.0}
+    if case == "label 10":
+        return {**a, "y_test": np.array([1, 10, 2])}
+    return {**a, "y_test": a["y_test"][:2]}
 
 
-def test_missing_data_message(tmp_path: Path) -> None:
-    nope = tmp_path / "nope"
-    for name, accepted in (("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images")):
+@pytest.mark.parametrize(("case", "field", "why"), [
+    ("20x20", "x_train", "must be 28x28 with 1 channel"),
+    ("rgb", "x_train", "must be 28x28 with 1 channel"),
+    ("test shape", "x_test", "must be 28x28"),
+    ("float labels", "y_train", "labels must be integers"),
+    ("float images", "x_train", "must be uint8"),
+    ("label 10", "y_test", "0..9"),
+    ("length", "y_test", "one label per image"),
+])
+def test_mnist_npz_refused(tmp_path: Path, case: str, field: str, why: str) -> None:
+    np.savez(tmp_path / "mnist.npz", **_bad_mnist(_mnist_arrays(), case))
+    with pytest.raises(EdgeError, match=why) as e:
+        load("mnist", tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "mnist.npz" in msg and field in msg
+
+
+def test_cifar_npz_refuses_gray(tmp_path: Path) -> None:
+    x = np.zeros((2, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=[0, 1], x_test=x, y_test=[0, 1])
+    with pytest.raises(EdgeError, match="x_train: cifar10 images must be 32x32 with 3 channels"):
+        load("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("blob", [b"", b"garbage" * 20, b"PK\x03\x04garbage",
+                                  pickle.dumps({"x_train": [1, 2]}), b"\x93NUMPY"])
+def test_garbage_npz_no_pickle_advice(tmp_path: Path, blob: bytes) -> None:
+    (tmp_path / "mnist.npz").write_bytes(blob)
+    for args in (("mnist", tmp_path), (tmp_path / "mnist.npz", None)):
         with pytest.raises(EdgeError) as e:
-            load(name, data_dir=nope)
+            load(*args)
         msg = str(e.value)
-        assert "\n" not in msg and name in msg and accepted in msg
-        assert str(nope) in msg and str(Path.cwd() / "data") in msg
-        assert "--data-dir" in msg and "EDGE_DATA" in msg
+        assert "\n" not in msg and "mnist.npz" in msg
+        assert "pickle" not in msg.replace(str(tmp_path), "").lower()
+
+
+def test_npz_object_array_and_npy(tmp_path: Path) -> None:
+    a = _mnist_arrays()
+    np.savez(tmp_path / "mnist.npz", **{**a, "y_train": np.array([object()] * 7)})
+    with pytest.raises(EdgeError, match="y_train: holds object") as e:
+        load("mnist", tmp_path)
+    assert "allow_pickle" not in str(e.value)
+    with open(tmp_path / "mnist.npz", "wb") as f:
+        np.save(f, a["x_train"])
+    with pytest.raises(EdgeError, match="single .npy array"):
+        load("mnist", tmp_path)
 
 
 # ----------------------------------------------------------------------------- cifar10
@@ -189,7 +307,7 @@ def test_missing_data_message(tmp_path: Path) -> None:
 def _cifar_batches() -> dict[str, tuple[np.ndarray, list[int]]]:
     """Two images per batch; image k of batch b has pixel (c=1, y=2, x=3) = 10*b + k."""
     out = {}
-    for b, name in enumerate((*data._CIFAR_TRAIN, "test_batch")):
+    for b, name in enumerate((*K.CIFAR_TRAIN, "test_batch")):
         x = np.zeros((2, 3072), dtype=np.uint8)
         for k in range(2):
             x[k, 1 * 1024 + 2 * 32 + 3] = 10 * b + k
@@ -209,6 +327,7 @@ def _check_cifar(ds: Dataset) -> None:
     assert ds.x_test[:, 1, 2, 3].tolist() == [50, 51]
     assert ds.y_train.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     assert ds.y_test.tolist() == [5, 6] and ds.in_shape == (3, 32, 32)
+    assert ds.classes[0] == "airplane" and ds.num_classes == 10
 
 
 def test_cifar_batches_dir(tmp_path: Path) -> None:
@@ -262,7 +381,7 @@ def test_cifar_py2_pickle() -> None:
                                      "labels": [3, 4], "filenames": ["a.png", "b.png"]})
     blob = f.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
     assert b"_codecs" not in blob
-    xs, ys = data._read_cifar_batch(blob, "py2")
+    xs, ys = K.read_cifar_batch(blob, "py2")
     assert xs.shape == (2, 3, 32, 32) and ys.tolist() == [3, 4]
     np.testing.assert_array_equal(xs.reshape(2, 3072), x)
 
@@ -280,111 +399,22 @@ def test_cifar_npz_hwc(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- real data
 
 
-def _real(name: str) -> Dataset:
-    f = REAL / f"{name}.npz"
-    if not f.is_file():
-        pytest.skip(f"real {name} data not found at {f}")
-    return load(name, data_dir=REAL)
-
-
 def test_real_cifar10() -> None:
-    ds = _real("cifar10")
+    d = shared_data_dir()
+    ds = load("cifar10", d)
     assert ds.x_train.shape == (50000, 3, 32, 32) and ds.x_test.shape == (10000, 3, 32, 32)
     assert ds.y_train[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     np.testing.assert_allclose(np.array(ds.mean) * 255, [125.307, 122.950, 113.865], atol=1e-3)
-    assert load("cifar10", data_dir=REAL, subset=10).x_train.data_ptr() == ds.x_train.data_ptr()
+    assert load("cifar10", d, subset=10).x_train.data_ptr() == ds.x_train.data_ptr()
 
 
 def test_real_mnist() -> None:
-    ds = _real("mnist")
+    d = shared_data_dir()
+    ds = load("mnist", d)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.mean[0] == pytest.approx(0.1307, abs=1e-4)
     assert ds.std[0] == pytest.approx(0.3081, abs=1e-4)
     assert sorted(set(ds.y_test.tolist())) == list(range(10))
-
-
-# ----------------------------------------------------------------------------- views
-
-MEAN3, STD3 = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def _batch(n: int = 16, c: int = 3, hw: int = 12, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, c, hw, hw), generator=g, dtype=torch.uint8)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def test_views_reproducible_and_distinct() -> None:
-    x, cfg = _batch(), ViewConfig()
-    a1, b1 = two_views(x, _gen(0), cfg, MEAN3, STD3)
-    a2, b2 = two_views(x, _gen(0), cfg, MEAN3, STD3)
-    a3, _ = two_views(x, _gen(1), cfg, MEAN3, STD3)
-    assert a1.shape == x.shape and a1.dtype == torch.float32 and b1.shape == x.shape
-    assert torch.equal(a1, a2) and torch.equal(b1, b2)
-    assert not torch.allclose(a1, a3) and not torch.allclose(a1, b1)
-
-
-@pytest.mark.parametrize("c", [1, 3])
-def test_flip_only_is_exact(c: int) -> None:
-    x = _batch(n=64, c=c)
-    cfg = ViewConfig(crop_scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0)
-    mean, std = MEAN3[:c], STD3[:c]
-    base = to_float(x, (mean, std))
-    a, b = two_views(x, _gen(3), cfg, mean, std)
-    flips = 0
-    for view in (a, b):
-        for img, ref in zip(view, base, strict=True):
-            same = torch.allclose(img, ref, atol=1e-5)
-            mirrored = torch.allclose(img, ref.flip(-1), atol=1e-5)
-            assert same or mirrored
-            flips += int(mirrored and not same)
-    assert 0 < flips < 2 * len(x)
-
-
-def test_grayscale_p1_equal_channels() -> None:
-    cfg = ViewConfig(gray_p=1.0)
-    a, b = two_views(_batch(), _gen(0), cfg, (0.5,) * 3, (0.25,) * 3)
-    for v in (a, b):
-        assert torch.allclose(v[:, 0], v[:, 1], atol=1e-6)
-        assert torch.allclose(v[:, 1], v[:, 2], atol=1e-6)
-
-
-def test_views_one_channel_and_presets() -> None:
-    ds = load("digits", subset=32)
-    cfg = default_views("digits")
-    assert cfg.flip_p == 0.0 and cfg.crop_scale == (0.5, 1.0)
-    assert default_views("cifar10") == ViewConfig()
-    a, b = two_views(ds.x_train, _gen(0), cfg, ds.mean, ds.std)
-    assert a.shape == (32, 1, 8, 8) and torch.isfinite(a).all() and not torch.equal(a, b)
-
-
-def test_view_errors() -> None:
-    with pytest.raises(EdgeError, match="uint8"):
-        two_views(_batch().float(), _gen(0), ViewConfig(), MEAN3, STD3)
-    with pytest.raises(EdgeError, match="mean/std"):
-        two_views(_batch(), _gen(0), ViewConfig(), (0.5,), (0.2,))
-    with pytest.raises(EdgeError, match="uint8"):
-        to_float(torch.zeros(1, 1, 2, 2), ((0.0,), (1.0,)))
-
-
-@given(st.integers(0, 2**32), st.sampled_from([1, 3]), st.integers(1, 9))
-@settings(max_examples=20, deadline=None)
-def test_views_stay_in_range(seed: int, c: int, hw: int) -> None:
-    """Every augmented pixel is a valid [0,1] intensity before normalisation."""
-    a, b = two_views(_batch(n=4, c=c, hw=hw, seed=seed % 7), _gen(seed), ViewConfig(),
-                     (0.0,) * c, (1.0,) * c)
-    for v in (a, b):
-        assert v.shape == (4, c, hw, hw)
-        assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0 + 1e-6
-
-
-def test_to_float_matches_dataset_stats() -> None:
-    ds = load("digits")
-    z = to_float(ds.x_train, ds)
-    assert z.dtype == torch.float32
-    assert float(z.mean()) == pytest.approx(0.0, abs=1e-4)
-    assert float(z.std()) == pytest.approx(1.0, abs=1e-3)
-    assert to_float(ds.x_train[0], ds).shape == (1, 8, 8)
+    as_path = load(d / "mnist.npz")  # the same file as the user's own data
+    assert as_path.name == "mnist" and torch.equal(as_path.x_test, ds.x_test)
+    assert as_path.mean == ds.mean and as_path.num_classes == 10

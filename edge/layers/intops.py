@@ -311,14 +311,19 @@ def _conv(x: Tensor, w: Tensor, geom: list[int]) -> Tensor:
     return _conv_eager(x, w, ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6]))
 
 
+# The sizes the symbolics need travel as explicit int lists (`dims`: static Python ints at
+# the call): the tracer does not always know a tensor's sizes.
+
+
 @torch.library.custom_op("edge_int::conv_weight", mutates_args=())
-def _conv_weight(x: Tensor, e: Tensor, geom: list[int]) -> Tensor:
+def _conv_weight(x: Tensor, e: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
     return _conv_weight_eager(x, e, ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6]))
 
 
 @torch.library.custom_op("edge_int::conv_input", mutates_args=())
-def _conv_input(e: Tensor, w: Tensor, geom: list[int], hw: list[int]) -> Tensor:
-    return _conv_input_eager(e, w, ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6]), *hw)
+def _conv_input(e: Tensor, w: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
+    return _conv_input_eager(e, w, ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6]),
+                             dims_[0], dims_[1])
 
 
 def _conv_out(size: int, k: int, s: int, p: int) -> int:
@@ -338,13 +343,13 @@ def _(x: Tensor, w: Tensor, geom: list[int]) -> Tensor:
 
 
 @_conv_weight.register_fake
-def _(x: Tensor, e: Tensor, geom: list[int]) -> Tensor:
+def _(x: Tensor, e: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
     return x.new_empty((e.shape[1], x.shape[1] // geom[6], geom[0], geom[1]), dtype=torch.int64)
 
 
 @_conv_input.register_fake
-def _(e: Tensor, w: Tensor, geom: list[int], hw: list[int]) -> Tensor:
-    return e.new_empty((e.shape[0], w.shape[1] * geom[6], hw[0], hw[1]), dtype=torch.int64)
+def _(e: Tensor, w: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
+    return e.new_empty((e.shape[0], w.shape[1] * geom[6], dims_[0], dims_[1]), dtype=torch.int64)
 
 
 MATMUL_CHUNK = INT32_MAX // (2 * 128 * 256)  # K per MatMulInteger (its u8 x s8 form's worst case)
@@ -391,7 +396,10 @@ def int_conv2d_weight(x: Tensor, e: Tensor, geom: ConvGeom) -> Tensor:
     _max_abs(x), _max_abs(e)
     n = dims(x)[0]
     step = conv_weight_chunk(dims(e)[2], dims(e)[3])
-    parts = [_conv_weight(x[s : s + step], e[s : s + step], list(geom))
+    c, h, w = dims(x)[1:]
+    o, oh, ow = dims(e)[1:]
+    parts = [_conv_weight(x[s : s + step], e[s : s + step], list(geom),
+                          [min(step, n - s), c, h, w, o, oh, ow])
              for s in range(0, n, step)]
     kh, kw, groups = geom[0], geom[1], geom[6]
     return _sum64(parts).reshape(dims(e)[1], dims(x)[1] // groups, kh, kw)  # static shape
@@ -404,7 +412,7 @@ def int_conv2d_input(e: Tensor, w: Tensor, geom: ConvGeom, hw: tuple[int, int]) 
     kh, kw, _, _, ph, pw, _ = geom
     if ph > kh - 1 or pw > kw - 1:
         raise ValueError(f"padding {ph, pw} beyond kernel - 1 has no integer input gradient")
-    return _conv_input(e, w, list(geom), [int(hw[0]), int(hw[1])])
+    return _conv_input(e, w, list(geom), [int(hw[0]), int(hw[1]), *dims(e), dims(w)[1]])
 
 
 # ---------------------------------------------------------------- ONNX symbolics
@@ -466,16 +474,12 @@ def _symbolics() -> None:
         return g.op("ConvInteger", x, w, kernel_shape_i=[kh, kw], strides_i=[sh_, sw],
                     pads_i=[ph, pw, ph, pw], group_i=groups)
 
-    def sizes(v):
-        return sh._get_tensor_sizes(v)
-
-    @sh.parse_args("v", "v", "is")
-    def conv_weight_sym(g, x, e, geom):
+    @sh.parse_args("v", "v", "is", "is")
+    def conv_weight_sym(g, x, e, geom, d):
         # gW (O, Cg, kh, kw) as one ConvInteger: input x arranged (Cg, G N, H, W) (batch as
         # channels, grouped), weight e arranged (O, N, H', W') at dilation = stride.
         kh, kw, sh_, sw, ph, pw, groups = geom
-        n, c, h, wd = sizes(x)
-        o, oh, ow = sizes(e)[1], sizes(e)[2], sizes(e)[3]
+        n, c, h, wd, o, oh, ow = d
         cg = c // groups
         xt = g.op("Reshape", x, const(g, [n, groups, cg, h, wd]))
         xt = g.op("Transpose", xt, perm_i=[2, 1, 0, 3, 4])
@@ -488,11 +492,11 @@ def _symbolics() -> None:
             gw = g.op("Slice", gw, const(g, [0, 0]), const(g, [kh, kw]), const(g, [2, 3]))
         return cast(g, g.op("Transpose", gw, perm_i=[1, 0, 2, 3]), "Long")
 
-    def interleave(g, t, axis, s, size):
-        """Zeros between the entries of `t` along `axis` (s - 1 of them), cut to `size`."""
+    def interleave(g, t, shape, axis, s, size):
+        """Zeros between the entries of `t` (of `shape`) along `axis` (s - 1 of them), cut
+        to `size`."""
         if s == 1:
             return t
-        shape = sizes(t)
         u = g.op("Unsqueeze", t, const(g, [axis + 1]))
         pads = [0] * (2 * (len(shape) + 1))
         pads[len(shape) + 1 + axis + 1] = s - 1  # after, on the new axis
@@ -503,15 +507,14 @@ def _symbolics() -> None:
         return g.op("Slice", u, const(g, [0]), const(g, [size]), const(g, [axis]))
 
     @sh.parse_args("v", "v", "is", "is")
-    def conv_input_sym(g, e, w, geom, hw):
+    def conv_input_sym(g, e, w, geom, dd):
         # dx = ConvInteger(zero-interleaved e padded by k - 1 - p, flipped w with its
         # in/out channels swapped per group): the transposed convolution, exactly.
         kh, kw, sh_, sw, ph, pw, groups = geom
-        n, o, oh, ow = sizes(e)
-        cg = sizes(w)[1]
-        h, wd = hw
-        d = interleave(g, e, 2, sh_, (oh - 1) * sh_ + 1)
-        d = interleave(g, d, 3, sw, (ow - 1) * sw + 1)
+        h, wd, n, o, oh, ow, cg = dd
+        lh = (oh - 1) * sh_ + 1
+        d = interleave(g, e, [n, o, oh, ow], 2, sh_, lh)
+        d = interleave(g, d, [n, o, lh, ow], 3, sw, (ow - 1) * sw + 1)
         extra_h = h - ((oh - 1) * sh_ - 2 * ph + kh)
         extra_w = wd - ((ow - 1) * sw - 2 * pw + kw)
         top, left = kh - 1 - ph, kw - 1 - pw

@@ -45,6 +45,12 @@ class LocalRule:
     # die); 3e-4 learns without collapse (MNIST, see benchmarks/mnist_rules.py).
     default_lr: ClassVar[float] = 3e-4
 
+    @property
+    def needs_context(self) -> bool:
+        """Whether block updates read a whole-network forward pass (`context`): such rules
+        train no block on its own (no per-block graphs)."""
+        return False
+
     def check(self, net: NetSpec) -> None:
         """Raise EdgeError if the rule cannot apply to `net`."""
 

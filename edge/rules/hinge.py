@@ -145,6 +145,10 @@ class HingeRule(LocalRule):
     def needs_top(self) -> bool:
         return any(ctx == "top" for _, ctx in self.terms)
 
+    @property
+    def needs_context(self) -> bool:
+        return self.needs_top
+
     def check(self, net: NetSpec) -> None:
         if self.needs_top and len(net.blocks) < 2:
             raise EdgeError(

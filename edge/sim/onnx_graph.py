@@ -21,8 +21,23 @@ Steps:
    buffers, other graph outputs are outputs, everything else is an activation.
 5. If / Loop / Scan bodies are counted conservatively: the node reads every outer value its body
    uses, and a scratch tensor the size of everything the body writes lives during that step.
-6. `alias_views=True` treats Reshape/Flatten/Squeeze/Unsqueeze/Identity outputs as views of
-   their input (no bytes of their own), as runtimes that reshape in place do. Off by default.
+6. Views (on by default, `alias_views=False` turns it off): the output of a `VIEW_OPS` node
+   that is not a graph output owns no bytes; it *is* its input 0 (through chains of views, the
+   first non-view tensor: the base). A reader of a view reads the base, so the base stays live
+   until the last reader of the base or of any view of it. Views of graph inputs and
+   parameters alias too (onnxruntime shares those buffers as well); a view that is a graph
+   output gets its own buffer, since onnxruntime allocates every graph output separately.
+
+   `VIEW_OPS` are the ONNX-domain ops whose onnxruntime CPU kernels are registered with
+   `KernelDefBuilder().Alias(0, 0)`: Reshape, Flatten, Squeeze, Unsqueeze and Identity
+   (reshape.cc, flatten.cc, squeeze.cc, unsqueeze.cc, identity_op.cc). For those, the
+   allocation planner (allocation_planner.cc, `FindReusableInput`) *must* reuse input 0's
+   buffer for output 0 - unless the output is a graph output (`kAllocateOutput`) - and adds
+   the output's uses to the input buffer's use count. Not views here: Dropout (its kernels
+   since opset 10 declare no alias), ops that merely *may* run in place (`MayInplace`:
+   elementwise Relu, Add, ...; the planner reuses the input only if it dies there), and
+   Transpose / Slice / Expand, which compute a new layout (strided views exist only in
+   onnxruntime training builds).
 """
 
 from __future__ import annotations
@@ -38,12 +53,13 @@ from onnx import GraphProto, ModelProto, TypeProto
 
 from edge.errors import EdgeError
 from edge.sim.measure import measure_shapes
-from export.onnx_sizes import BATCH_FIRST_RE, Sizer, body_cost, graph_types, subgraphs
 from edge.sim.schedule import Op, Schedule, TensorInfo
+from export.onnx_sizes import BATCH_FIRST_RE, Sizer, body_cost, graph_types, subgraphs
 
 _STATE_RE = re.compile(r"(momentum|velocity|exp_avg|moment|adam|optim|(^|[._/])(m|v)\d*$)", re.I)
 _PARAM_RE = re.compile(r"(weight|bias|kernel|gamma|beta|running_|param|(^|[._/])(w|b)\d*$)", re.I)
 _BATCH_ANY_RE = re.compile(r"batch", re.I)
+# Ops whose output is a view of input 0 (module docstring, rule 6: onnxruntime's Alias(0, 0)).
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 
@@ -54,14 +70,15 @@ def _one_line(text: object, limit: int = 240) -> str:
 
 @dataclass(frozen=True)
 class GraphOptions:
-    """How to read a graph: dim values, and the exporter's manifest (names and bindings)."""
+    """How to read a graph: dim values, the exporter's manifest (names and bindings), whether
+    view ops alias their input (`alias_views`, rule 6) and whether to measure unknown shapes."""
 
     dims: Mapping[str, int] = field(default_factory=dict)
     batch_size: int | None = None
     param_names: frozenset[str] = frozenset()
     state_names: frozenset[str] = frozenset()
     bindings: Mapping[str, str] = field(default_factory=dict)
-    alias_views: bool = False
+    alias_views: bool = True  # VIEW_OPS outputs share their input's bytes
     measure: bool = True  # run onnxruntime on zeros for shapes inference cannot derive
 
     def __post_init__(self) -> None:
@@ -220,6 +237,13 @@ def _size_node_outputs(
     return sized
 
 
+def _is_view(node: onnx.NodeProto, opts: GraphOptions, graph_outputs: set[str]) -> bool:
+    """Rule 6: an ONNX-domain VIEW_OPS node whose output 0 is not a graph output."""
+    return (opts.alias_views and node.domain in ("", "ai.onnx") and node.op_type in VIEW_OPS
+            and bool(node.input) and bool(node.input[0]) and bool(node.output)
+            and bool(node.output[0]) and node.output[0] not in graph_outputs)
+
+
 def schedule_from_onnx(
     model: ModelProto | str | Path | bytes, options: GraphOptions | None = None
 ) -> Schedule:
@@ -261,11 +285,13 @@ def schedule_from_onnx(
         tensors[name] = replace(info, category=input_category(name, opts, name in inits))
 
     ops: list[Op] = []
-    view_of: dict[str, str] = {}
+    view_of: dict[str, str] = {}  # view output -> its base tensor
     produced_later = {o for node in g.node for o in node.output if o}
     defined = set(tensors)
     unsized: list[str] = []
-    readers = {i for node in g.node for i in node.input} | set(output_names)
+    outputs_set = set(output_names)
+    views = {node.output[0] for node in g.node if _is_view(node, opts, outputs_set)}
+    readers = ({i for node in g.node for i in node.input} | outputs_set) - views
     sized = _size_node_outputs(g, types, size, readers, model_copy if opts.measure else None,
                                notes)
     for step, node in enumerate(g.node):
@@ -296,9 +322,8 @@ def schedule_from_onnx(
             if name in defined:
                 raise EdgeError(f"tensor {name!r} is written twice (node {op_name!r})")
             defined.add(name)
-            if (opts.alias_views and node.op_type in VIEW_OPS and ins and
-                    name not in output_names and not tensors[ins[0]].persistent):
-                view_of[name] = ins[0]
+            if name in views:
+                view_of[name] = view_of.get(node.input[0], node.input[0])
                 continue
             info = sized.get(name)
             if info is None:
@@ -318,6 +343,9 @@ def schedule_from_onnx(
         notes.append(f"{len(unsized)} unread outputs of unknown shape not counted: {unsized[:3]}")
     if model_copy.functions:
         notes.append("model-local functions are sized by their outputs only")
+    if view_of:
+        notes.append(f"{len(view_of)} outputs of {'/'.join(sorted(VIEW_OPS))} alias their "
+                     "inputs (no bytes of their own; the base lives until the views' last reader)")
     outputs = tuple(dict.fromkeys(view_of.get(o, o) for o in output_names))
     return Schedule(tuple(ops), tensors, dict(opts.bindings), outputs,
                     name=g.name or "onnx", notes=tuple(notes))

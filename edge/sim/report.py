@@ -2,8 +2,8 @@
 
 The timeline is a stacked area of live bytes per category over op index (persistent
 categories at the bottom, since they are live throughout), with the on-chip capacity as a
-horizontal line, the planned peak (arena + on-chip persistent) dashed, and the peak op
-annotated. Matplotlib runs on the Agg backend: no display needed.
+horizontal line (and, when the target reserves some of it, the usable bytes dotted), the
+planned peak (arena + on-chip persistent) dashed, and the peak op annotated. Matplotlib runs on the Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def render_table(report: MemoryReport, console: Console | None = None) -> None:
         t.add_row("peak op", f"step {op['step']}", f"{op['name']} ({op['op_type']})")
     console.print(t)
 
-    tiers = Table(title="tiers")
-    for col in ("tier", "kind", "capacity", "used", "headroom", "fits"):
+    tiers = Table(title="tiers (fits: used <= usable = capacity - reserved)")
+    for col in ("tier", "kind", "capacity", "reserved", "usable", "used", "headroom", "fits"):
         tiers.add_column(col, justify="left" if col in ("tier", "kind") else "right")
     for u in report.tiers:
-        tiers.add_row(u.name, u.kind, fmt_bytes(u.capacity), fmt_bytes(u.used),
-                      fmt_bytes(u.headroom), "yes" if u.fits else "[red]no[/red]")
+        tiers.add_row(u.name, u.kind, fmt_bytes(u.capacity), fmt_bytes(u.reserved),
+                      fmt_bytes(u.usable), fmt_bytes(u.used), fmt_bytes(u.headroom),
+                      "yes" if u.fits else "[red]no[/red]")
     console.print(tiers)
 
     cats = Table(title="tensors by category")
@@ -114,6 +115,10 @@ def plot_timeline(report: MemoryReport, path: str | Path, title: str | None = No
                          labels=cats, colors=[_COLORS[c] for c in cats], alpha=0.85, step="post")
         ax.axhline(arena_tier.capacity / scale, color="black", lw=1.2,
                    label=f"{arena_tier.name} capacity ({fmt_bytes(arena_tier.capacity)})")
+        if arena_tier.reserved:
+            ax.axhline(arena_tier.usable / scale, color="black", lw=1.2, ls=":",
+                       label=f"usable after {fmt_bytes(arena_tier.reserved)} reserved "
+                       f"({fmt_bytes(arena_tier.usable)})")
         ax.axhline(report.peak_bytes / scale, color="black", lw=1, ls="--",
                    label=f"planned peak ({fmt_bytes(report.peak_bytes)})")
         op = report.peak_op

@@ -3,7 +3,7 @@
 Placement policy:
 
 * Transient tensors (inputs, activations, update buffers, outputs) share one arena planned by
-  `planner` (greedy by size), placed at offset 0 of the largest SRAM tier.
+  `planner` (greedy by size), placed at offset 0 of the SRAM tier with the most usable bytes.
 * Persistent tensors (parameters, optimizer state) go where `SimOptions.persistent` says:
   `sram`, `flash`, `dram`, or `auto` = SRAM if everything fits next to the arena, else the
   largest non-SRAM tier. Tensors a training step *writes* (binding targets, optimizer state)
@@ -11,6 +11,10 @@ Placement policy:
   Several tiers of one kind are separate memories: each tensor goes whole into the one with
   the most room left (worst fit), after the arena.
 * An in-place bound output (see `inplace`) lives in its parameter's storage: zero extra bytes.
+* Reserved memory (`MemoryTier.reserved_bytes`: stack, heap, RTOS) is not available: every
+  tier offers `usable_bytes` = capacity - reserved, offsets count from the start of that usable
+  part, and a tier fits when its used bytes are at most its usable bytes. The arena goes in the
+  SRAM tier with the most usable bytes. `TierUsage` reports capacity, reserved and usable.
 
 `peak_bytes` = arena + persistent bytes in the arena's kind of memory (SRAM): the on-chip
 working set. The timeline counts live bytes per category at each op; `peak_op` is where the
@@ -62,12 +66,16 @@ class SimOptions:
 
 @dataclass(frozen=True)
 class TierUsage:
+    """One tier after placement: `fits` is `used <= usable`, `headroom` = usable - used."""
+
     name: str
     kind: str
-    capacity: int
+    capacity: int  # the tier's bytes
+    reserved: int  # kept by the runtime (stack, heap, RTOS), per the target file
+    usable: int  # capacity - reserved: what tensors may use
     used: int
     fits: bool
-    headroom: int  # capacity - used; negative when over
+    headroom: int  # usable - used; negative when over
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,7 @@ def _place_persistent(
     sram, flash, dram = (list(target.tier(k)) for k in ("sram", "flash", "dram"))
 
     def fresh() -> dict[str, int]:
-        return {t.name: t.bytes - (arena if t.name == arena_tier.name else 0)
+        return {t.name: t.usable_bytes - (arena if t.name == arena_tier.name else 0)
                 for t in target.tiers}
 
     free, where, notes = fresh(), {}, []
@@ -194,14 +202,14 @@ def _place_persistent(
         if all(free[t.name] >= 0 for t in sram) or not (flash or dram):
             return where, notes
         free, where = fresh(), {}
-        off = max(flash + dram, key=lambda t: t.bytes)
+        off = max(flash + dram, key=lambda t: t.usable_bytes)
         notes.append("auto: persistent tensors do not fit in SRAM beside the arena")
         if ro:
             _fill(ro, [off], free, a, where)
             notes.append(f"{len(ro)} read-only persistent tensors placed in {off.name} "
                          f"({off.kind})")
         if rw:
-            wtier = [max(dram, key=lambda t: t.bytes)] if dram else sram
+            wtier = [max(dram, key=lambda t: t.usable_bytes)] if dram else sram
             _fill(rw, wtier, free, a, where)
             notes.append(f"{len(rw)} tensors the step updates ({rw_bytes} B) need writable "
                          f"memory: placed in {wtier[0].name} ({wtier[0].kind})")
@@ -244,7 +252,8 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
               ) -> MemoryReport:
     a = options.alignment
     onchip_kind = "sram"
-    arena_tier = target.largest(onchip_kind) or max(target.tiers, key=lambda t: t.bytes)
+    arena_tier = max(target.tier(onchip_kind) or target.tiers,
+                     key=lambda t: (t.usable_bytes, t.bytes))
     arena = max((p.plan.arena_bytes for p in parts), default=0)
     pers: list[TensorInfo] = []
     writable: set[str] = set()
@@ -326,8 +335,13 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
             notes.append(f"{p.prefix}arena: greedy by size gave {p.plan.greedy_bytes} B; "
                          f"re-planned with the top buffers first: {p.plan.arena_bytes} B")
 
-    tiers = tuple(TierUsage(t.name, t.kind, t.bytes, used[t.name], used[t.name] <= t.bytes,
-                            t.bytes - used[t.name]) for t in target.tiers)
+    tiers = tuple(TierUsage(t.name, t.kind, t.bytes, t.reserved_bytes, t.usable_bytes,
+                            used[t.name], used[t.name] <= t.usable_bytes,
+                            t.usable_bytes - used[t.name]) for t in target.tiers)
+    reserved = [t for t in target.tiers if t.reserved_bytes]
+    if reserved:
+        notes.append("reserved by the runtime, not available to tensors: " + ", ".join(
+            f"{t.name} {t.reserved_bytes} B" for t in reserved))
     if timeline:
         top = max(timeline, key=lambda r: (r.onchip_bytes, -r.step))
         peak_op = {"step": top.step, "name": top.op, "op_type": top.op_type,
