@@ -1,10 +1,10 @@
 """Gradient alignment: how close is a rule's update to the global backprop-SSL gradient?
 
-Per layer l, the cosine similarity between
-  - the rule's update of the layer's encoder weights `enc.{l}.w`: for a local rule its
-    closed-form gradient, computed layer by layer exactly as `edge.step.local_step` does
-    (context, forward, `layer_grads`, `next_input`, `next_context`) but without applying the
-    optimizer; for a global rule its autograd gradient;
+Per block l, the cosine similarity between
+  - the rule's update of the block's encoder weights (every `enc.{l}.*.w`, as one vector):
+    for a local rule its closed-form gradient, from `edge.step.local_step` itself with an
+    optimizer that records the gradients and applies nothing; for a global rule its autograd
+    gradient;
   - the autograd gradient of a reference global loss on the same batch with respect to the
     same weights: `bp-infonce` by default, its projection head taken from `params` when they
     hold one (`head.*`), else drawn from `torch.Generator().manual_seed(seed)`, so the value
@@ -21,32 +21,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edge.baselines.bp_infonce import BPInfoNCE
-from edge.nets import NetSpec, layer_forward, layer_params
+from edge.nets import NetSpec
+from edge.step import local_step
+
+
+def _weights(net: NetSpec, params: dict[str, Tensor]) -> list[list[str]]:
+    """The encoder weight names of every block."""
+    return [[k for k in params if k.startswith(f"enc.{i}.") and k.endswith(".w")]
+            for i in range(len(net.blocks))]
+
+
+class _Record:
+    """An optimizer that keeps the gradients it is handed and changes nothing."""
+
+    def __init__(self):
+        self.grads: dict[str, Tensor] = {}
+
+    def update(self, name, p, g, state, step, noise=None):
+        self.grads[name] = g
+        return p, {}
 
 
 def rule_update(
     net: NetSpec, rule, params: dict[str, Tensor], x1: Tensor, x2: Tensor
 ) -> dict[str, Tensor]:
-    """`enc.{i}.w` -> the gradient a training step of `rule` would hand the optimizer."""
+    """Encoder weight name -> the gradient a training step of `rule` would hand the
+    optimizer."""
     if not rule.is_local:
         return backprop_grads(net, rule, params, x1, x2)
-    ctx = rule.context(net, params, x1, x2)
-    out = {}
-    for i, layer in enumerate(net.layers):
-        w, b = layer_params(params, i)
-        o1, o2 = layer_forward(layer, w, b, x1), layer_forward(layer, w, b, x2)
-        grads, _ = rule.layer_grads(i, layer, o1, o2, params, ctx)
-        out[f"enc.{i}.w"] = grads[f"enc.{i}.w"]
-        x1, x2 = rule.next_input(i, o1.y), rule.next_input(i, o2.y)
-        ctx = rule.next_context(i, params, ctx)
-    return out
+    rec = _Record()
+    local_step(net, rule, rec, params, {"step": torch.zeros(())}, x1, x2)
+    return {k: rec.grads[k] for block in _weights(net, params) for k in block}
 
 
 def backprop_grads(
     net: NetSpec, rule, params: dict[str, Tensor], x1: Tensor, x2: Tensor
 ) -> dict[str, Tensor]:
-    """`enc.{i}.w` -> autograd gradient of a global rule's `loss`."""
-    keys = [f"enc.{i}.w" for i in range(len(net.layers))]
+    """Encoder weight name -> autograd gradient of a global rule's `loss`."""
+    keys = [k for block in _weights(net, params) for k in block]
     leaves = {k: v.detach().requires_grad_(k in keys) for k, v in params.items()}
     with torch.enable_grad():
         grads = torch.autograd.grad(rule.loss(net, leaves, x1, x2), [leaves[k] for k in keys])
@@ -69,10 +81,11 @@ def alignment(
     reference=None,
     seed: int = 0,
 ) -> list[float]:
-    """Per layer, cos(rule's update of enc.{l}.w, reference global gradient of enc.{l}.w)."""
+    """Per block, cos(rule's update of its encoder weights, the reference global gradient)."""
     reference = reference if reference is not None else BPInfoNCE()
     reference.check(net)
     ref_params = {**reference.init(net, torch.Generator().manual_seed(seed)), **params}
     bp = backprop_grads(net, reference, ref_params, x1, x2)
     upd = rule_update(net, rule, params, x1, x2)
-    return [cosine(upd[k], bp[k]) for k in bp]
+    return [cosine(torch.cat([upd[k].flatten() for k in ks]),
+                   torch.cat([bp[k].flatten() for k in ks])) for ks in _weights(net, params)]

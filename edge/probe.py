@@ -37,7 +37,7 @@ def extract(
     if layers not in LAYER_CHOICES:
         raise EdgeError(f"unknown probe layers {layers!r}; valid: {', '.join(LAYER_CHOICES)}")
     chunks = []
-    device = params["enc.0.w"].device if encode_fn is None else torch.device("cpu")
+    device = next(iter(params.values())).device if encode_fn is None else torch.device("cpu")
     encode_fn = encode_fn or (lambda v: encode(net, params, v))
     for start in range(0, x.shape[0], batch_size):
         outs = encode_fn(to_float(x[start : start + batch_size], ds).to(device))

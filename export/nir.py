@@ -2,7 +2,7 @@
 rate-coded spiking run of such a graph.
 
     to_nir(net, params, calib_x, head=None, percentile=99.9, fold="weights",
-           weights=None, scales=None, groups="dense") -> nir.NIRGraph
+           weights=None, scales=None, groups="dense", max_rate=1.0) -> nir.NIRGraph
     write_nir(path, net, params, calib_x, **same) -> nir.NIRGraph      to_nir, then nir.write
     simulate(graph, x, steps, backend="reference"|"norse", reset="zero"|"subtract",
              encoding="current"|"bernoulli", record=False) -> SpikeRun
@@ -29,8 +29,12 @@ spikes fire at a rate r ~ clip(u / theta, 0, 1) per step, so an IF that replaces
 stands for v = lam_l r, k = lam_l, where lam_l is the `percentile`-th percentile of the
 activation's positive outputs on `calib_x` (data-based normalisation, Rueckauer et al. 2017,
 "Conversion of continuous-valued deep networks to efficient event-driven networks"; 1 for a
-layer that never fires). Values above lam_l saturate at one spike per step. A ReLU6 is an IF
-too: its outputs are at most 6, so lam <= 6 and saturation at rate 1 is the clip at 6.
+layer that never fires), divided by `max_rate` (default 1): the percentile fires `max_rate`
+spikes per step. Values above lam_l saturate at one spike per step. A ReLU6 is an IF too,
+with lam capped at 6: its outputs are at most 6, so saturation at rate 1 is its clip at 6
+(or, where lam < 6, the same clip at lam as a ReLU's). max_rate < 1 buys headroom against
+the reset-to-zero error below (each spike drops up to one step's input, relatively at most
+max_rate) for 1 / max_rate times the steps.
   weight layer, real weights W, bias b, input scale k_in, chosen output scale k_out:
       emitted W k_in / k_out and b / k_out
   SumPool2d (kernel kh x kw):  k_out = k_in / (kh kw): the pool emits the window's sum of
@@ -267,7 +271,7 @@ def _next_scale(chain, j: int, lams: dict[str, float]) -> float:
 def to_nir(net: NetSpec, params: dict[str, Tensor], calib_x: Tensor, *,
            head: Head | None = None, percentile: float = 99.9, fold: str = "weights",
            weights: dict[str, Tensor] | None = None, scales: dict[str, float] | None = None,
-           groups: str = "dense", batch: int = 256) -> nir_t.NIRGraph:
+           groups: str = "dense", max_rate: float = 1.0, batch: int = 256) -> nir_t.NIRGraph:
     """The encoder (and `head`) as a NIR graph of IF neurons; see the module docstring."""
     nir = _nir()
     if fold not in FOLDS:
@@ -276,13 +280,17 @@ def to_nir(net: NetSpec, params: dict[str, Tensor], calib_x: Tensor, *,
         raise EdgeError(f"unknown groups {groups!r}; valid: {', '.join(GROUPS)}")
     if not 0 < percentile <= 100:
         raise EdgeError(f"percentile must be in (0, 100], got {percentile}")
+    if not 0 < max_rate <= 1:
+        raise EdgeError(f"max_rate must be in (0, 1] spikes per step, got {max_rate}")
     if tuple(calib_x.shape[1:]) != net.in_shape:
         raise EdgeError(f"calib_x has sample shape {tuple(calib_x.shape[1:])}, the net takes "
                         f"{net.in_shape}")
     net, params = fold_batchnorm(net, params)
     chain = _chain(net)
     raw, real = _real_params(params, weights, scales)
-    lams = _calibrate(chain, real, calib_x, percentile, batch)
+    six = {k for k, p in chain if isinstance(p, ReLU6)}
+    lams = {k: min(v / max_rate, 6.0) if k in six else v / max_rate
+            for k, v in _calibrate(chain, real, calib_x, percentile, batch).items()}
     em = _Emitter(nir, net.in_shape, {"input": nir.Input(
         input_type={"input": np.array(net.in_shape)})}, ["input"], groups == "dense")
     for j, (key, p) in enumerate(chain):
@@ -319,6 +327,7 @@ def to_nir(net: NetSpec, params: dict[str, Tensor], calib_x: Tensor, *,
     em.add("output", nir.Output(output_type={"output": np.array(em.shape)}), em.shape)
     edges = list(zip(em.order[:-1], em.order[1:], strict=True))
     meta = {"edge_output_scale": em.k, "edge_percentile": percentile, "edge_fold": fold,
+            "edge_max_rate": max_rate,
             "edge_head": head is not None, "edge_net": net.name}
     return nir.NIRGraph(em.nodes, edges, metadata=meta)
 

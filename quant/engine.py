@@ -11,9 +11,10 @@ which the probe reads), `describe`.
              update (`quant.integer`); the checkpoint and `weights_digest` cover exactly what
              the device holds; the rule needs an integer form (the CLAPP family)
 
-`step_fn` replaces the integer step's executor (e.g. the exported integer graph on a
-runtime, `export.runner`): it is called as step_fn(stores, x1_int8, x2_int8, noise, step)
-and returns (new stores, metrics). Random bits are drawn from the step's generator after its
+`step_factory(net, rule, plan, stores)` makes the function that replaces the integer step's
+executor once the plan exists (e.g. the exported integer graph on a runtime,
+`export.runner.integer_stepper`): called as step_fn(stores, x1_int8, x2_int8, noise, step),
+it returns (new stores, metrics). Random bits are drawn from the step's generator after its
 views, in sorted key order, so a run is reproducible from its seed whatever runs the step.
 """
 
@@ -61,9 +62,10 @@ def check(quant: str, mode: str) -> None:
 
 
 class QuantEngine:
-    def __init__(self, quant: str, mode: str, step_fn: Callable | None = None):
+    def __init__(self, quant: str, mode: str, step_factory: Callable | None = None):
         check(quant, mode)
-        self.quant, self.mode, self.step_fn = quant, mode, step_fn
+        self.quant, self.mode, self.step_factory = quant, mode, step_factory
+        self.step_fn: Callable | None = None
         self.plan: QuantPlan | None = None
 
     def bind(self, net: NetSpec, rule: Any, opt: Any) -> None:
@@ -80,13 +82,20 @@ class QuantEngine:
         self.plan, self.params = make_plan(self.net, self.rule, params, calib, self.quant,
                                            self.opt.lr)
         self.state = {"step": torch.zeros((), dtype=torch.int64)}
+        self._ready()
+
+    def _ready(self) -> None:
         self._shapes = noise_shapes(self.net, self.form, self.plan, self.params)
+        if self.step_factory is not None:
+            self.step_fn = self.step_factory(self.net, self.rule, self.plan, self.params)
 
     def step(self, v1: Tensor, v2: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         if self.mode == "qat":
-            self.params, self.state, metrics = qat_step(
-                self.net, self.rule, self.opt, self.plan, self.params, self.state, v1, v2,
-                donate=True)
+            params, state, metrics = qat_step(
+                self.net, self.rule, self.opt, self.plan, self.params, self.state, v1, v2)
+            if not torch.stack([torch.isfinite(v).all() for v in params.values()]).all():
+                return {**metrics, "finite_params": torch.tensor(False)}
+            self.params, self.state = params, state
             return metrics
         if v1.shape[0] != self.plan.batch:
             raise EdgeError(f"integer mode was calibrated for batches of {self.plan.batch}, "
@@ -119,7 +128,7 @@ class QuantEngine:
         self.params = dict(params)
         self.state = {k: v for k, v in state.items() if not k.startswith("exp.")}
         if self.mode == "integer":
-            self._shapes = noise_shapes(self.net, self.form, self.plan, self.params)
+            self._ready()
 
     def encoder(self) -> Callable[[Tensor], list[Tensor]]:
         net, plan = self.net, self.plan

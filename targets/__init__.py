@@ -235,8 +235,11 @@ class MemoryTier:
             raise _Invalid("bandwidth_bytes_per_s", f"must be a number > 0, got {bandwidth!r}")
         _check_int(self.reserved_bytes, "reserved_bytes", 0)
         if self.reserved_bytes >= self.bytes:
-            raise _Invalid("reserved_bytes", f"{self.reserved_bytes} leaves nothing of the "
-                           f"{self.bytes} bytes of tier {self.name!r}")
+            raise _Invalid(
+                "reserved_bytes",
+                f"{self.reserved_bytes} leaves nothing of the "
+                f"{self.bytes} bytes of tier {self.name!r}",
+            )
         if self.reserved_bytes and not self.reserved_source.strip():
             raise _Invalid("reserved_source", "must say where the reserved figure comes from")
 
@@ -246,9 +249,12 @@ class MemoryTier:
         return self.bytes - self.reserved_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "size": format_size(self.bytes),
-                "reserved": format_size(self.reserved_bytes) if self.reserved_bytes else "0 B",
-                "usable_bytes": self.usable_bytes}
+        return {
+            **asdict(self),
+            "size": format_size(self.bytes),
+            "reserved": format_size(self.reserved_bytes) if self.reserved_bytes else "0 B",
+            "usable_bytes": self.usable_bytes,
+        }
 
 
 def _per_core(value: object, cores: int, name: str) -> tuple[int, ...] | None:
@@ -316,27 +322,36 @@ class Neuromorphic:
         for attr in ("neurons_per_core", "synapse_bytes_per_core", "core_bytes_per_core"):
             object.__setattr__(self, attr, _per_core(getattr(self, attr), self.cores, attr))
         if self.synapse_bytes_per_core is None and self.core_bytes_per_core is None:
-            raise _Invalid("synapse_bytes_per_core", "give the weight memory per core "
-                           "(synapse_memory) or the shared memory per core (core_memory)")
+            raise _Invalid(
+                "synapse_bytes_per_core",
+                "give the weight memory per core "
+                "(synapse_memory) or the shared memory per core (core_memory)",
+            )
         for attr in ("weight_bits", "neuron_state_bits"):
             if getattr(self, attr) is not None:
                 _check_int(getattr(self, attr), attr, 1, 64)
         for attr in ("shared_kernels", "pow2_addressing", "pool_in_core"):
             if not isinstance(getattr(self, attr), bool):
                 raise _Invalid(attr, f"must be true or false, got {getattr(self, attr)!r}")
+        if self.pow2_addressing and not self.shared_kernels:
+            raise _Invalid("pow2_addressing", "rounds kernel entries, so it needs shared_kernels")
         if self.max_cores_per_layer is not None:
             _check_int(self.max_cores_per_layer, "max_cores_per_layer", 1, self.cores)
         if not self.homogeneous and self.max_cores_per_layer != 1:
-            raise _Invalid("max_cores_per_layer", "cores of different sizes need "
-                           "max_cores_per_layer = 1 (one layer per core)")
+            raise _Invalid(
+                "max_cores_per_layer",
+                "cores of different sizes need max_cores_per_layer = 1 (one layer per core)",
+            )
         if not self.source.strip():
             raise _Invalid("source", "must say where the figures come from")
 
     @property
     def homogeneous(self) -> bool:
         """Every core has the same figures."""
-        return all(v is None or len(set(v)) == 1 for v in
-                   (self.neurons_per_core, self.synapse_bytes_per_core, self.core_bytes_per_core))
+        return all(
+            v is None or len(set(v)) == 1
+            for v in (self.neurons_per_core, self.synapse_bytes_per_core, self.core_bytes_per_core)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -432,19 +447,27 @@ class Target:
 # ---------------------------------------------------------------------------- loader
 
 _TOP_KEYS = tuple(
-    "name description source dtypes runtime cpu triple notes compute tiers neuromorphic".split())
+    "name description source dtypes runtime cpu triple notes compute tiers neuromorphic".split()
+)
 _COMPUTE_KEYS = ("ops_per_s", "dtype", "source")
-_TIER_KEYS = ("name", "kind", "size", "bandwidth", "source", "notes", "reserved",
-              "reserved_source")
-_NEURO_KEYS = tuple("cores neurons_per_core synapse_memory core_memory weight_bits "
-                    "neuron_state_bits shared_kernels pow2_addressing pool_in_core "
-                    "max_cores_per_layer source notes".split())
+_TIER_KEYS = ("name", "kind", "size", "bandwidth", "source", "notes", "reserved", "reserved_source")
+_NEURO_KEYS = tuple(
+    "cores neurons_per_core synapse_memory core_memory weight_bits "
+    "neuron_state_bits shared_kernels pow2_addressing pool_in_core "
+    "max_cores_per_layer source notes".split()
+)
 # dataclass attribute -> the key a file spells it with
 _FILE_FIELD = {"bytes": "size", "bandwidth_bytes_per_s": "bandwidth", "reserved_bytes": "reserved"}
 _FILE_FIELD |= {"compute_ops_per_s": "compute.ops_per_s", "compute_dtype": "compute.dtype"}
 _FILE_FIELD |= {"synapse_bytes_per_core": "synapse_memory", "core_bytes_per_core": "core_memory"}
-_TYPE_NAMES = {str: "a string", list: "an array", dict: "a table", int: "an int", float: "a float",
-               bool: "true or false"}
+_TYPE_NAMES = {
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+    int: "an int",
+    float: "a float",
+    bool: "true or false",
+}
 
 
 def _take(
@@ -510,19 +533,24 @@ def _sizes(raw: object, where: str) -> int | list[int] | None:
 def _parse_neuromorphic(raw: dict[str, Any]) -> Neuromorphic:
     where = "neuromorphic."
     _no_unknown_keys(raw, _NEURO_KEYS, where)
-    counts = {key: _take(raw, key, where, (int, list)) for key in ("cores", "neurons_per_core")}
-    if counts["cores"] is None:
-        raise _Invalid(where + "cores", "missing")
+    counts = {
+        "cores": _take(raw, "cores", where, int, required=True),
+        "neurons_per_core": _take(raw, "neurons_per_core", where, (int, list)),
+    }
     for key in ("weight_bits", "neuron_state_bits", "max_cores_per_layer"):
         counts[key] = _take(raw, key, where, int)
-    flags = {key: _take(raw, key, where, bool) or False
-             for key in ("shared_kernels", "pow2_addressing", "pool_in_core")}
+    flags = {
+        key: _take(raw, key, where, bool) or False
+        for key in ("shared_kernels", "pow2_addressing", "pool_in_core")
+    }
+    memories = {
+        "synapse_bytes_per_core": _sizes(raw.get("synapse_memory"), where + "synapse_memory"),
+        "core_bytes_per_core": _sizes(raw.get("core_memory"), where + "core_memory"),
+    }
+    source = _take(raw, "source", where, str, required=True)
+    notes = _take(raw, "notes", where, str) or ""
     try:
-        return Neuromorphic(
-            synapse_bytes_per_core=_sizes(raw.get("synapse_memory"), where + "synapse_memory"),
-            core_bytes_per_core=_sizes(raw.get("core_memory"), where + "core_memory"),
-            source=_take(raw, "source", where, str, required=True),
-            notes=_take(raw, "notes", where, str) or "", **counts, **flags)  # type: ignore[arg-type]
+        return Neuromorphic(source=source, notes=notes, **counts, **flags, **memories)  # type: ignore[arg-type]
     except _Invalid as e:
         raise _Invalid(where + _FILE_FIELD.get(e.field, e.field), e.reason) from None
 

@@ -64,19 +64,35 @@ def _target(sram: int, flash: int = 4 << 20, dram: int | None = None) -> Target:
 @pytest.fixture(scope="module")
 def step_onnx() -> bytes:
     ws = (torch.randn(8, 3, 3, 3), torch.randn(16, 8, 3, 3), torch.randn(16, 16, 3, 3))
-    return _export(ConvStep(), (torch.randn(2, 3, 32, 32), *ws),
-                   input_names=["x", "W1", "W2", "W3"], output_names=list(BINDINGS),
-                   dynamic_axes={"x": {0: "batch"}})
+    return _export(
+        ConvStep(),
+        (torch.randn(2, 3, 32, 32), *ws),
+        input_names=["x", "W1", "W2", "W3"],
+        output_names=list(BINDINGS),
+        dynamic_axes={"x": {0: "batch"}},
+    )
 
 
 @pytest.fixture(scope="module")
 def infer_onnx() -> bytes:
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 10)).eval()
-    return _export(net, (torch.randn(1, 3, 32, 32),), input_names=["input"],
-                   output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 8 * 8, 10),
+    ).eval()
+    return _export(
+        net,
+        (torch.randn(1, 3, 32, 32),),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}},
+    )
 
 
 def test_categories_from_manifest_and_from_names(step_onnx: bytes) -> None:
@@ -85,8 +101,9 @@ def test_categories_from_manifest_and_from_names(step_onnx: bytes) -> None:
     assert cats["x"] == "input" and s.tensors["x"].shape == (4, 3, 32, 32)
     assert all(cats[w] == "parameter" for w in BINDINGS.values())
     assert all(cats[w] == "update_buffer" for w in BINDINGS)
-    assert {c for n, c in cats.items() if n not in BINDINGS and n not in BINDINGS.values()
-            and n != "x"} == {"activation"}
+    assert {
+        c for n, c in cats.items() if n not in BINDINGS and n not in BINDINGS.values() and n != "x"
+    } == {"activation"}
     # no manifest: 'W1' looks like a parameter; unbound outputs are plain outputs
     s = schedule_from_onnx(step_onnx, GraphOptions(batch_size=4))
     assert s.tensors["W1"].category == "parameter" and s.tensors["W1_new"].category == "output"
@@ -96,10 +113,13 @@ def test_categories_from_manifest_and_from_names(step_onnx: bytes) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])
-def test_arena_close_to_lower_bound_on_real_graphs(step_onnx: bytes, infer_onnx: bytes,
-                                                    batch: int) -> None:
-    for model, opts in ((step_onnx, GraphOptions(batch_size=batch, bindings=BINDINGS)),
-                        (infer_onnx, GraphOptions(batch_size=batch))):
+def test_arena_close_to_lower_bound_on_real_graphs(
+    step_onnx: bytes, infer_onnx: bytes, batch: int
+) -> None:
+    for model, opts in (
+        (step_onnx, GraphOptions(batch_size=batch, bindings=BINDINGS)),
+        (infer_onnx, GraphOptions(batch_size=batch)),
+    ):
         s = schedule_from_onnx(model, opts)
         for inplace in (True, False):
             plan, lb, nr = plan_schedule(s, inplace=inplace)
@@ -109,27 +129,42 @@ def test_arena_close_to_lower_bound_on_real_graphs(step_onnx: bytes, infer_onnx:
 
 
 def test_alias_views_removes_reshape_copies() -> None:
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
-                              torch.nn.Linear(8 * 8 * 8, 10)).eval()
-    model = _export(net, (torch.randn(1, 3, 8, 8),), input_names=["input"],
-                    output_names=["logits"], dynamic_axes={"input": {0: "N"}})
-    # batch 2: input 1536 B, conv out 4096 B, flatten copy 4096 B, logits 80 B
-    copy = schedule_from_onnx(model, GraphOptions(batch_size=2))
-    view = schedule_from_onnx(model, GraphOptions(batch_size=2, alias_views=True))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)
+    ).eval()
+    model = _export(
+        net,
+        (torch.randn(1, 3, 8, 8),),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}},
+    )
+    # batch 2: input 1536 B, conv out 4096 B, flatten copy 4096 B, logits 80 B. Views alias by
+    # default: the conv output lives on through the Linear (Gemm) that reads its flattened view.
+    view = schedule_from_onnx(model, GraphOptions(batch_size=2))
+    copy = schedule_from_onnx(model, GraphOptions(batch_size=2, alias_views=False))
     assert plan_schedule(copy)[1] == 4096 + 4096 and plan_schedule(view)[1] == 1536 + 4096
     assert view.ops[1].op_type == "Flatten" and view.ops[1].outputs == ()
+    conv_out = view.ops[0].outputs[0]
+    assert view.ops[2].inputs[0] == conv_out and view.lifetimes[conv_out].last == 2
 
 
 def test_dynamic_dims_by_name_by_batch_and_errors(step_onnx: bytes) -> None:
     by_batch = schedule_from_onnx(step_onnx, GraphOptions(batch_size=6))
     by_name = schedule_from_onnx(step_onnx, GraphOptions(dims={"batch": 6}))
     assert {n: t.nbytes for n, t in by_batch.tensors.items()} == {
-        n: t.nbytes for n, t in by_name.tensors.items()}
+        n: t.nbytes for n, t in by_name.tensors.items()
+    }
     with pytest.raises(EdgeError, match=r"'x'.*dims=\{'batch': N\}.*--batch"):
         schedule_from_onnx(step_onnx)
-    static = _export(ConvStep(), (torch.randn(2, 3, 16, 16), *(torch.randn(8, 3, 3, 3),
-                     torch.randn(16, 8, 3, 3), torch.randn(16, 16, 3, 3))),
-                     input_names=["x", "W1", "W2", "W3"])
+    static = _export(
+        ConvStep(),
+        (
+            torch.randn(2, 3, 16, 16),
+            *(torch.randn(8, 3, 3, 3), torch.randn(16, 8, 3, 3), torch.randn(16, 16, 3, 3)),
+        ),
+        input_names=["x", "W1", "W2", "W3"],
+    )
     with pytest.raises(EdgeError, match="no dynamic batch dim"):
         schedule_from_onnx(static, GraphOptions(batch_size=4))
     assert schedule_from_onnx(static, GraphOptions(batch_size=2)).tensors["x"].shape[0] == 2
@@ -140,8 +175,13 @@ def test_shapes_inference_cannot_derive_are_measured() -> None:
         def forward(self, x):
             return F.unfold(x, 3, padding=1).sum(1)
 
-    model = _export(Unfold(), (torch.randn(2, 3, 8, 8),), input_names=["x"],
-                    output_names=["y"], dynamic_axes={"x": {0: "batch"}})
+    model = _export(
+        Unfold(),
+        (torch.randn(2, 3, 8, 8),),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     s = schedule_from_onnx(model, GraphOptions(batch_size=5))
     assert s.tensors["y"].shape == (5, 64) and any("onnxruntime" in n for n in s.notes)
     with pytest.raises(EdgeError, match=r"cannot size tensor '/Range_output_0'.*dims="):
@@ -167,8 +207,10 @@ def _tiny_model(nodes: list, inputs: list, outputs: list) -> onnx.ModelProto:
 def test_node_order_is_checked() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
-    nodes = [helper.make_node("Relu", ["a"], ["y"], name="second"),
-             helper.make_node("Relu", ["x"], ["a"], name="first")]
+    nodes = [
+        helper.make_node("Relu", ["a"], ["y"], name="second"),
+        helper.make_node("Relu", ["x"], ["a"], name="first"),
+    ]
     model = _tiny_model(nodes, [x], [y])
     with pytest.raises(EdgeError, match="topological"):
         schedule_from_onnx(model.SerializeToString())  # bytes skip nothing: checker runs too
@@ -181,11 +223,11 @@ def test_if_bodies_are_counted_conservatively() -> None:
 
     def branch(op: str) -> onnx.GraphProto:
         out = helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, [256])
-        return helper.make_graph([helper.make_node(op, ["x", "x"], [f"{op}_out"])], op, [],
-                                 [out])
+        return helper.make_graph([helper.make_node(op, ["x", "x"], [f"{op}_out"])], op, [], [out])
 
-    node = helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("Add"),
-                            else_branch=branch("Mul"))
+    node = helper.make_node(
+        "If", ["c"], ["y"], name="if", then_branch=branch("Add"), else_branch=branch("Mul")
+    )
     s = schedule_from_onnx(_tiny_model([node], [x, c], [y]))
     (op,) = s.ops
     assert "x" in op.inputs  # the body reads x from the outer scope: x stays live
@@ -198,9 +240,11 @@ def test_max_batch_that_fits_is_monotone(infer_onnx: bytes) -> None:
     best = [max_batch_that_fits(infer_onnx, _target(n), opts) for n in sizes]
     assert all(b is not None for b in best) and best == sorted(best) and best[0] < best[-1]
     for sram, b in zip(sizes, best, strict=True):
+
         def fits(n: int, sram: int = sram) -> bool:
             g = GraphOptions(batch_size=n)
             return simulate(infer_onnx, _target(sram), SimOptions("flash", graph=g)).fits
+
         assert fits(b) and not fits(b + 1)
     assert max_batch_that_fits(infer_onnx, _target(4 * KIB), opts) is None
 
@@ -215,8 +259,9 @@ def test_persistent_placement_policies(infer_onnx: bytes, step_onnx: bytes) -> N
     assert r.peak_bytes == r.arena_bytes and any("auto" in n for n in r.notes)
     # a training step writes its parameters: auto sends them to DRAM, never to flash
     t = _target(16 * KIB, dram=1 << 20)
-    r = simulate(step_onnx, t, SimOptions("auto", graph=GraphOptions(batch_size=2,
-                                                                     bindings=BINDINGS)))
+    r = simulate(
+        step_onnx, t, SimOptions("auto", graph=GraphOptions(batch_size=2, bindings=BINDINGS))
+    )
     assert r.trained and r.tier("flash").used == 0 and r.tier("dram").used > 0
     check_whole_plan(r)
     with pytest.raises(EdgeError, match="no dram tier"):
@@ -226,8 +271,11 @@ def test_persistent_placement_policies(infer_onnx: bytes, step_onnx: bytes) -> N
 def check_whole_plan(report: MemoryReport) -> None:
     """Every tensor of the report (arena and persistent, all tiers) against every other."""
     for tier in report.tiers:
-        ps = [Placement(p.name, p.offset, p.size, p.first, p.last) for p in report.plan
-              if p.tier == tier.name and p.alias_of is None]
+        ps = [
+            Placement(p.name, p.offset, p.size, p.first, p.last)
+            for p in report.plan
+            if p.tier == tier.name and p.alias_of is None
+        ]
         top = max((p.offset + p.size for p in ps), default=0)
         check_no_overlap(ArenaPlan(tuple(ps), top, alignment=report.alignment))
         assert top <= tier.used
@@ -270,22 +318,56 @@ def test_cli_json_and_plot(tmp_path: Path, step_onnx: bytes) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"bindings": BINDINGS}))
     (tmp_path / "dev.toml").write_text(
         'name = "dev"\ndescription = "test"\nsource = "test"\ndtypes = ["fp32"]\n'
-        '[[tiers]]\nname = "sram"\nkind = "sram"\nsize = "256 KiB"\nsource = "test"\n')
+        '[[tiers]]\nname = "sram"\nkind = "sram"\nsize = "256 KiB"\nsource = "test"\n'
+    )
     png = tmp_path / "out" / "timeline.png"
-    res = CliRunner().invoke(_cli(), [
-        "simulate", "--target", str(tmp_path / "dev.toml"), "--model", str(model), "--batch", "4",
-        "--manifest", str(tmp_path / "manifest.json"), "--json", "--plot", str(png)])
+    res = CliRunner().invoke(
+        _cli(),
+        [
+            "simulate",
+            "--target",
+            str(tmp_path / "dev.toml"),
+            "--model",
+            str(model),
+            "--batch",
+            "4",
+            "--manifest",
+            str(tmp_path / "manifest.json"),
+            "--json",
+            "--plot",
+            str(png),
+        ],
+    )
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout)
-    for key in ("fits", "peak_bytes", "arena_bytes", "lower_bound_bytes", "no_reuse_bytes",
-                "peak_op", "per_category", "tiers", "timeline", "plan"):
+    for key in (
+        "fits",
+        "peak_bytes",
+        "arena_bytes",
+        "lower_bound_bytes",
+        "no_reuse_bytes",
+        "peak_op",
+        "per_category",
+        "tiers",
+        "timeline",
+        "plan",
+    ):
         assert key in obj
     assert obj["per_category"]["update_buffer"] > 0 and obj["inplace_saved_bytes"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = CliRunner().invoke(_cli(), ["simulate", "--target", str(tmp_path / "dev.toml"),
-                                      "--model", str(tmp_path / "nope.onnx")])
+    res = CliRunner().invoke(
+        _cli(),
+        [
+            "simulate",
+            "--target",
+            str(tmp_path / "dev.toml"),
+            "--model",
+            str(tmp_path / "nope.onnx"),
+        ],
+    )
     assert res.exit_code == 2 and res.stderr.startswith("error: ")
     assert "Traceback" not in res.output
-    report = run_simulation(onnx.load_from_string(step_onnx), _target(1 << 20), batch=4,
-                            manifest={"bindings": BINDINGS})
+    report = run_simulation(
+        onnx.load_from_string(step_onnx), _target(1 << 20), batch=4, manifest={"bindings": BINDINGS}
+    )
     assert report.peak_bytes == obj["peak_bytes"]

@@ -35,15 +35,22 @@ def T(name: str, nbytes: int, category: str = "activation") -> TensorInfo:
 def chain() -> Schedule:
     """A(in, 32) -op0-> B(64) -op1-> C(16) -op2-> D(out, 48)."""
     tensors = [T("A", 32, "input"), T("B", 64), T("C", 16), T("D", 48, "output")]
-    ops = [Op("op0", "Relu", ("A",), ("B",)), Op("op1", "Relu", ("B",), ("C",)),
-           Op("op2", "Relu", ("C",), ("D",))]
+    ops = [
+        Op("op0", "Relu", ("A",), ("B",)),
+        Op("op1", "Relu", ("B",), ("C",)),
+        Op("op2", "Relu", ("C",), ("D",)),
+    ]
     return Schedule(ops, tensors)
 
 
 def test_chain_lifetimes_offsets_and_peak() -> None:
     s = chain()
-    assert s.lifetimes == {"A": Lifetime(0, 0), "B": Lifetime(0, 1), "C": Lifetime(1, 2),
-                           "D": Lifetime(2, 2)}
+    assert s.lifetimes == {
+        "A": Lifetime(0, 0),
+        "B": Lifetime(0, 1),
+        "C": Lifetime(1, 2),
+        "D": Lifetime(2, 2),
+    }
     plan, lb, nr = plan_schedule(s)
     # B@0; D@0 (no time overlap with B); A overlaps B -> 64; C overlaps B and D -> 64.
     assert plan.offsets() == {"B": 0, "D": 0, "A": 64, "C": 64}
@@ -55,8 +62,12 @@ def test_chain_lifetimes_offsets_and_peak() -> None:
 def diamond() -> Schedule:
     """X(in,32) -> A(64); A -> B(16); A -> C(48); B, C -> D(out, 32)."""
     tensors = [T("X", 32, "input"), T("A", 64), T("B", 16), T("C", 48), T("D", 32, "output")]
-    ops = [Op("op0", "Conv", ("X",), ("A",)), Op("op1", "Relu", ("A",), ("B",)),
-           Op("op2", "Relu", ("A",), ("C",)), Op("op3", "Concat", ("B", "C"), ("D",))]
+    ops = [
+        Op("op0", "Conv", ("X",), ("A",)),
+        Op("op1", "Relu", ("A",), ("B",)),
+        Op("op2", "Relu", ("A",), ("C",)),
+        Op("op3", "Concat", ("B", "C"), ("D",)),
+    ]
     return Schedule(ops, tensors)
 
 
@@ -76,8 +87,12 @@ def test_greedy_can_exceed_the_lower_bound() -> None:
     # C(64)[0,1]@0; A(48)[0,3] overlaps C -> 64; B(48)[3,3] fits under A -> 0;
     # D(32)[3,3]: B 0..48, A 64..112 -> gap 48..64 too small -> 112. Arena 144.
     # Step 3 holds A + B + D = 128, and 128 is achievable (A@0, C@48, B@48, D@96).
-    bufs = [Buffer("A", 48, 0, 3), Buffer("B", 48, 3, 3), Buffer("C", 64, 0, 1),
-            Buffer("D", 32, 3, 3)]
+    bufs = [
+        Buffer("A", 48, 0, 3),
+        Buffer("B", 48, 3, 3),
+        Buffer("C", 64, 0, 1),
+        Buffer("D", 32, 3, 3),
+    ]
     plan = greedy_plan(bufs)
     assert plan.offsets() == {"C": 0, "A": 64, "B": 0, "D": 112}
     assert plan.arena_bytes == 144 and lower_bound(bufs) == 128 and no_reuse(bufs) == 192
@@ -87,8 +102,12 @@ def test_refinement_reaches_the_lower_bound_by_hand() -> None:
     # The case above: greedy puts D on top (112). Round 1 places D first: D@0, C@0, A@64,
     # B: gap 32..64 too small -> 112, on top. Round 2 places B, D first: B@0, D@48, C@0,
     # A above B, C and D -> 80. Arena 128 = the lower bound; greedy's 144 is kept.
-    bufs = [Buffer("A", 48, 0, 3), Buffer("B", 48, 3, 3), Buffer("C", 64, 0, 1),
-            Buffer("D", 32, 3, 3)]
+    bufs = [
+        Buffer("A", 48, 0, 3),
+        Buffer("B", 48, 3, 3),
+        Buffer("C", 64, 0, 1),
+        Buffer("D", 32, 3, 3),
+    ]
     plan = refined_plan(bufs)
     assert plan.offsets() == {"B": 0, "D": 48, "C": 0, "A": 80}
     assert plan.arena_bytes == 128 == lower_bound(bufs) and plan.greedy_bytes == 144
@@ -106,10 +125,18 @@ def test_alignment_rounds_sizes_and_offsets() -> None:
 
 def sgd_step(last_op: str = "Sub", late_reader: bool = False) -> Schedule:
     """y = x @ W; dW = f(y, x); W2 = W - dW (bound to W). W, dW, W2: 128 B; x, y: 16 B."""
-    tensors = [T("W", 128, "parameter"), T("x", 16, "input"), T("y", 16), T("dW", 128),
-               T("W2", 128, "update_buffer")]
-    ops = [Op("mm", "MatMul", ("x", "W"), ("y",)), Op("grad", "Outer", ("y", "x"), ("dW",)),
-           Op("upd", last_op, ("W", "dW"), ("W2",))]
+    tensors = [
+        T("W", 128, "parameter"),
+        T("x", 16, "input"),
+        T("y", 16),
+        T("dW", 128),
+        T("W2", 128, "update_buffer"),
+    ]
+    ops = [
+        Op("mm", "MatMul", ("x", "W"), ("y",)),
+        Op("grad", "Outer", ("y", "x"), ("dW",)),
+        Op("upd", last_op, ("W", "dW"), ("W2",)),
+    ]
     if late_reader:
         tensors.append(T("n", 16, "output"))
         ops.append(Op("norm", "ReduceL2", ("W",), ("n",)))
@@ -137,8 +164,12 @@ def test_inplace_needs_a_dead_parameter_and_an_elementwise_writer() -> None:
 
 
 def test_simulate_hand_case_peak_and_fit() -> None:
-    target = Target("tiny", "test device", (MemoryTier("sram", "sram", 300),
-                                            MemoryTier("flash", "flash", 4096)), ("fp32",))
+    target = Target(
+        "tiny",
+        "test device",
+        (MemoryTier("sram", "sram", 300), MemoryTier("flash", "flash", 4096)),
+        ("fp32",),
+    )
     r = simulate(sgd_step(), target, SimOptions(persistent="sram"))
     assert (r.peak_bytes, r.arena_bytes, r.fits) == (288, 160, True)  # 128 (W) + 160
     assert r.peak_op["name"] == "grad" and r.peak_op["step"] == 1
@@ -159,8 +190,11 @@ def test_schedule_validation() -> None:
     with pytest.raises(ValueError, match="category"):
         T("x", 4, "weights")
     with pytest.raises(ValueError, match="not a parameter"):
-        Schedule([Op("a", "Relu", ("x",), ("y",))], [T("x", 4, "input"), T("y", 4, "output")],
-                 bindings={"y": "x"})
+        Schedule(
+            [Op("a", "Relu", ("x",), ("y",))],
+            [T("x", 4, "input"), T("y", 4, "output")],
+            bindings={"y": "x"},
+        )
 
 
 def test_check_no_overlap_catches_a_bad_plan() -> None:
@@ -198,11 +232,17 @@ def test_random_schedules_never_overlap(s: Schedule, alignment: int) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 20), st.integers(0, 5)),
-                min_size=1, max_size=25))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1000), st.integers(0, 20), st.integers(0, 5)),
+        min_size=1,
+        max_size=25,
+    )
+)
 def test_random_buffers_never_overlap(raw: list[tuple[int, int, int]]) -> None:
-    bufs = [Buffer(f"b{i}", size, first, first + length)
-            for i, (size, first, length) in enumerate(raw)]
+    bufs = [
+        Buffer(f"b{i}", size, first, first + length) for i, (size, first, length) in enumerate(raw)
+    ]
     plan = greedy_plan(bufs)
     check_no_overlap(plan)
     assert lower_bound(bufs) <= plan.arena_bytes <= no_reuse(bufs)

@@ -80,13 +80,26 @@ def test_export_reads_back_with_reader_node_types(tiny, tmp_path):
                                              "IF", "SumPool2d", "Flatten"]
     assert g.edges[-1][1] == "output" and kinds["output"] == "Output"
     conv = g.nodes["enc.1.0"]  # BN folded: the relu moved up to enc.1.1
-    assert conv.weight.shape == (8, 2, 3, 3) and int(conv.groups) == 2
+    assert conv.weight.shape == (8, 4, 3, 3) and int(conv.groups) == 1  # groups made dense
+    assert np.all(conv.weight[:4, 2:] == 0) and np.all(conv.weight[4:, :2] == 0)
     assert tuple(conv.padding) == (1, 1) and tuple(conv.stride) == (1, 1)
     assert list(g.nodes["enc.0.2"].kernel_size) == [2, 2]
     for k in ("enc.0.1", "enc.1.1"):  # weights form: unit thresholds, reset to 0
         assert np.all(g.nodes[k].v_threshold == 1) and np.all(g.nodes[k].v_reset == 0)
     assert g.nodes["enc.1.1"].v_threshold.shape == (8, 6, 6)
     assert g.nodes["output"].output_type["output"].tolist() == [8 * 3 * 3]
+
+
+def test_grouped_conv_kept_reads_back_without_type_check(tiny, tmp_path):
+    net, params, x = tiny
+    write_nir(tmp_path / "g.nir", net, params, x, groups="keep")
+    g = nir.read(str(tmp_path / "g.nir"), type_check=False)
+    conv = g.nodes["enc.1.0"]
+    assert conv.weight.shape == (8, 2, 3, 3) and int(conv.groups) == 2
+    dense = to_nir(net, params, x)
+    a, b = (simulate(h, x, 32, record=True) for h in (g, dense))
+    for k in a.rates:
+        assert float((a.rates[k] - b.rates[k]).abs().mean()) < 1e-3
 
 
 def test_thresholds_are_the_percentile_of_positive_activations(tiny):

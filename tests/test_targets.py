@@ -15,7 +15,8 @@ from targets import MemoryTier, Target
 
 EXPECTED = {
     "stm32f746", "stm32h743", "stm32n657", "nrf52840", "esp32s3", "rp2040", "ethos-u55",
-    "ethos-u65", "coral-edgetpu", "hailo8", "loihi2-core", "akd1000", "host",
+    "ethos-u65", "coral-edgetpu", "hailo8", "loihi2-core", "akd1000", "host", "ch32v307",
+    "loihi2", "speck", "spinnaker2",
 }  # fmt: skip
 
 GOOD = """\
@@ -55,7 +56,7 @@ def write(tmp_path: Path, text: str, name: str = "board.toml") -> Path:
 
 def test_catalog_has_the_devices() -> None:
     assert EXPECTED <= set(targets.names())
-    assert len(targets.names()) >= 13
+    assert len(targets.names()) >= 17
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -68,6 +69,10 @@ def test_every_catalog_file_loads_with_sources(name: str) -> None:
     for tier in target.tiers:
         assert tier.bytes > 0
         assert tier.source.strip(), f"{name}: tier {tier.name} has no source"
+        assert 0 <= tier.reserved_bytes < tier.bytes
+        assert tier.reserved_source.strip() or not tier.reserved_bytes
+    if target.neuromorphic is not None:
+        assert target.neuromorphic.source.strip(), f"{name}: neuromorphic figures unsourced"
     if target.compute_ops_per_s is not None:
         assert target.compute_ops_per_s > 0
         assert target.compute_source.strip(), f"{name}: compute figure has no source"
@@ -142,9 +147,15 @@ def test_parse_size(value: object, expected: int) -> None:
         ("-1 KiB", "> 0"),
         ("0 MB", "> 0"),
         ("1024", "no unit"),
-        ("1 kb", "unknown unit"),
-        ("1 Mb", "unknown unit"),
-        ("1 KIB", "unknown unit"),
+        ("1 kb", "ambiguous unit 'kb'.*bits or bytes"),
+        ("1 Mb", "ambiguous unit 'Mb'.*bits or bytes"),
+        ("1 b", "ambiguous unit 'b'"),
+        ("1 KIB", "ambiguous unit 'KIB'.*'KiB'"),
+        ("1 mib", "ambiguous unit 'mib'.*'MiB'"),
+        ("1 K", "ambiguous unit 'K'.*1000 or 1024"),
+        ("2 Ki", "ambiguous unit 'Ki'"),
+        ("1 XB", "unknown unit 'XB'"),
+        ("3 bytes", "unknown unit 'bytes'"),
         ("lots", "cannot read"),
         ("1.5 B", "whole number"),
         (1.5, "got float"),
@@ -170,6 +181,18 @@ def test_parse_bandwidth(value: object, expected: float) -> None:
 def test_parse_bandwidth_rejects(value: object) -> None:
     with pytest.raises(EdgeError):
         targets.parse_bandwidth(value)
+
+
+def test_bandwidth_in_bits_is_ambiguous() -> None:
+    with pytest.raises(EdgeError, match="ambiguous unit 'Gb'"):
+        targets.parse_bandwidth("4 Gb/s")
+
+
+def test_parse_size_zero_only_when_allowed() -> None:
+    assert targets.parse_size(0, allow_zero=True) == 0
+    assert targets.parse_size("0 KiB", allow_zero=True) == 0
+    with pytest.raises(EdgeError, match=">= 0"):
+        targets.parse_size("-1 B", allow_zero=True)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +239,7 @@ BAD_FILES = {
     "negative size string": (edit('size = "256 KiB"', 'size = "-256 KiB"'), "tiers[0].size", "> 0"),
     "missing size": (edit('size = "256 KiB"\n', ""), "tiers[0].size", "missing"),
     "bad unit": (edit('size = "256 KiB"', 'size = "256 kilobytes"'), "tiers[0].size", "unit"),
+    "ambiguous unit": (edit('size = "256 KiB"', 'size = "256 kb"'), "tiers[0].size", "ambiguous"),
     "no unit": (edit('size = "256 KiB"', 'size = "256"'), "tiers[0].size", "no unit"),
     "bad bandwidth": (edit('"0.5 GB/s"', '"0.5 GB"'), "tiers[0].bandwidth", "cannot read"),
     "unknown kind": (edit('kind = "flash"', 'kind = "eeprom"'), "tiers[1].kind", "eeprom"),

@@ -6,8 +6,8 @@ stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge import __version__, checkpoint, rules
+from edge import __version__
 from edge.app.commands import parse_hparams
 from edge.errors import EdgeError
 
@@ -52,20 +52,25 @@ def _emit(obj: dict[str, Any]) -> None:
 @app.command()
 def train(
     rule: Annotated[
-        str, typer.Option(help=f"Learning rule: {', '.join(rules.names())}.")
+        str, typer.Option(help="Learning rule (edge rules lists them).")
     ] = "clapp++",
-    data: Annotated[str, typer.Option(help="digits | mnist | cifar10.")] = "digits",
+    data: Annotated[str, typer.Option(
+        help="digits | mnist | cifar10, or a path to your data (.npz, an image folder, "
+        "STL-10 or Tiny ImageNet).")] = "digits",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     subset: Annotated[int | None, typer.Option(help="Use the first N training images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the rule's).")] = None,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD).")] = 0.0,
-    net: Annotated[str | None, typer.Option(help="vgg6 | digits | mnist | mlp.")] = None,
-    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    net: Annotated[str | None, typer.Option(
+        help="Preset (edge nets lists them) or a .toml network spec.")] = None,
+    width: Annotated[float, typer.Option(help="Channel width multiplier of a preset.")] = 1.0,
     hp: Annotated[
         list[str], typer.Option(help="Rule hyper-parameter key=value (repeatable).")
     ] = [],  # noqa: B006
+    views: Annotated[str | None, typer.Option(
+        help="View augmentation preset (default: the data set's).")] = None,
     probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
     device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
@@ -77,13 +82,16 @@ def train(
         str | None, typer.Option(help="Operator profile of the exported step: plain | npu "
                                  "(default: npu for qnn-htp and iree, else plain).")
     ] = None,
+    per_layer: Annotated[bool, typer.Option(
+        help="With --runtime: run the per-block graphs in a chain.")] = False,
     data_dir: Annotated[str | None, typer.Option(help="Data root (else $EDGE_DATA).")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run directory (default runs/RULE-DATA).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in OUT.")] = False,
     alignment: Annotated[
-        bool, typer.Option(help="Per-layer cosine of the update with the BP-InfoNCE gradient.")
+        bool, typer.Option(help="Per-block cosine of the update with the BP-InfoNCE gradient.")
     ] = False,
     alignment_every: Annotated[
         int, typer.Option(help="Measure alignment on every k-th batch (each costs a BP pass).")
@@ -95,71 +103,26 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train an encoder with a learning rule, then linear-probe it."""
-    from edge.app.train import TrainConfig
+    from edge.app.config import TrainConfig
+
+    if resume and overwrite:
+        raise EdgeError("--resume continues the run in OUT, --overwrite replaces it: pick one")
+    cfg = TrainConfig(
+        rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
+        rule_hparams=parse_hparams(hp), probe_layers=probe_layers, quant=quant, mode=mode,
+        views=views, device=device, runtime=runtime, profile=profile, per_layer=per_layer,
+        alignment=alignment, alignment_every=alignment_every,
+    )
     from edge.app.train import train as run
 
-    cfg = TrainConfig(
-        rule=rule,
-        data=data,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        seed=seed,
-        subset=subset,
-        net=net,
-        width=width,
-        rule_hparams=parse_hparams(hp),
-        probe_layers=probe_layers,
-        device=device,
-        runtime=runtime,
-        alignment=alignment,
-        alignment_every=alignment_every,
-        quant=quant,
-        mode=mode,
-    )
-    make_step, steppers = None, []
-    if runtime != "torch":
-        from export.runner import make_stepper
-
-        if device != "cpu":
-            raise EdgeError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-
-        def make_step(*args: Any, **kwargs: Any) -> Any:  # keep the stepper: its placement
-            steppers.append(make_stepper(runtime, *args, profile=profile, **kwargs))
-            return steppers[-1]
-    elif profile is not None:
-        raise EdgeError("--profile applies to an exported step; add --runtime")
-    engine = None
-    if quant != "fp32":
-        from quant.engine import QuantEngine
-
-        if runtime != "torch":
-            raise EdgeError(f"--runtime {runtime} runs fp32 steps; quantized steps run in torch")
-        if device != "cpu":
-            raise EdgeError(f"--quant {quant} steps run on the CPU; drop --device {device}")
-        engine = QuantEngine(quant, mode)
-        if mode == "integer" and lr is None:  # recorded in the run's config
-            from quant.engine import integer_default_lr
-
-            cfg = dataclasses.replace(cfg, lr=integer_default_lr(rule))
-    out = out or Path("runs") / f"{rule}-{data}"
-    result = run(
-        cfg,
-        out,
-        data_dir=data_dir,
-        resume=resume,
-        progress=not as_json,
-        make_step=make_step,
-        engine=engine,
-    )
-    if steppers:
-        result["runtime"] = _runtime_report(runtime, steppers[-1])
+    out = out or Path("runs") / f"{rule}-{Path(data).stem}"
+    result = run(cfg, out, data_dir=data_dir, resume=resume, overwrite=overwrite,
+                 progress=not as_json)
     if as_json:
         _emit(result)
         return
-    t = Table(title=f"{rule} on {data} ({epochs} epochs, {result['seconds']} s)")
+    t = Table(title=f"{rule} on {result['data']} ({epochs} epochs, {result['seconds']} s)")
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_row("probe accuracy", f"{result['probe_accuracy']:.4f}")
@@ -168,22 +131,9 @@ def train(
     for k, v in result["parameters"].items():
         t.add_row(f"{k} parameters", f"{v:,}")
     if result["alignment"]:
-        t.add_row("alignment per layer", " ".join(f"{a:+.3f}" for a in result["alignment"]))
+        t.add_row("alignment per block", " ".join(f"{a:+.3f}" for a in result["alignment"]))
     t.add_row("checkpoint", result["checkpoint"])
-    if steppers:
-        rt = result["runtime"]
-        t.add_row("runtime", f"{rt['name']} ({rt['profile']} profile)")
-        for p in rt["placement"]:
-            t.add_row("nodes on the accelerator", f"{p['on_accelerator']} of {p['nodes']} "
-                      f"({p['partitions']} QNN graph{'s' if p['partitions'] != 1 else ''})")
     out_console.print(t)
-
-
-def _runtime_report(runtime: str, stepper: Any) -> dict[str, Any]:
-    """Which runtime ran the steps, in which operator profile, and where the nodes went."""
-    runners = getattr(stepper, "_runners", [])
-    return {"name": runtime, "profile": getattr(stepper, "profile", None),
-            "placement": [r.placement.to_dict() for r in runners if r.placement is not None]}
 
 
 @app.command()
@@ -194,21 +144,22 @@ def probe(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Linear-probe a trained checkpoint on its data set's test split."""
+    from edge import checkpoint
     from edge.data import load
     from edge.nets import NetSpec
     from edge.probe import probe_accuracy
 
     params, _, meta = checkpoint.load(ckpt)
-    net = NetSpec.from_dict(meta["net"])
-    import torch
-
-    from edge.nets import init_params
-
-    want = init_params(net, torch.Generator().manual_seed(0))
-    for k, v in want.items():
-        if k not in params or params[k].shape != v.shape:
+    try:
+        net = NetSpec.from_dict(meta["net"])
+    except (EdgeError, KeyError, TypeError) as e:
+        raise EdgeError(f"{ckpt}: its network is not one this edge reads ({e})") from None
+    for k, shape in net.param_shapes().items():
+        if k not in params or tuple(params[k].shape) != tuple(shape):
             raise EdgeError(f"{ckpt}: parameter {k} does not match network {net.name!r}")
     cfg = meta["config"]
+    if (meta.get("quant") or {}).get("plan"):
+        raise EdgeError(f"{ckpt} holds a quantized run; its probe is in its result.json")
     ds = load(cfg["data"], data_dir, cfg["subset"])
     acc = probe_accuracy(net, params, ds, layers)
     result = {
@@ -247,6 +198,8 @@ def list_rules(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the learning rules: what they are, whether local, what one update holds."""
+    from edge import rules
+
     rows = rules.describe()
     if as_json:
         _emit({"rules": rows})
@@ -257,6 +210,59 @@ def list_rules(
     for r in rows:
         t.add_row(r["name"], "yes" if r["local"] else "no (global)", r["description"], r["memory"],
                   f"{r['default_lr']:g}")
+    out_console.print(t)
+
+
+@app.command(name="nets")
+def list_nets(
+    ops: Annotated[bool, typer.Option("--ops", help="List the layer ops a spec file may use.")]
+    = False,
+    data: Annotated[str, typer.Option(help="Input shape of the presets: digits | mnist | "
+                                      "cifar10.")] = "cifar10",
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the network presets (blocks, parameters, multiply-adds) or the layer ops."""
+    from edge.app.commands import IN_SHAPES
+    from edge.nets import PRESETS, preset
+    from edge.nets.spec import ops_help
+
+    if ops:
+        rows = ops_help()
+        if as_json:
+            _emit({"ops": rows})
+            return
+        t = Table(title="layer ops of network spec files (fields; = default)")
+        for col in ("op", "fields", "what it is"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["op"], ", ".join(r["fields"]), r["doc"])
+        out_console.print(t)
+        return
+    if data not in IN_SHAPES:
+        raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
+    rows = []
+    for name in PRESETS:
+        try:
+            net = preset(name, IN_SHAPES[data], width)
+        except EdgeError as e:
+            rows.append({"name": name, "error": str(e)})
+            continue
+        rows.append({"name": name, "blocks": len(net.blocks),
+                     "parameters": sum(math.prod(s) for s in net.param_shapes().values()),
+                     "macs": sum(net.macs()), "output": list(net.shapes()[-1])})
+    if as_json:
+        _emit({"data": data, "width": width, "nets": rows})
+        return
+    t = Table(title=f"network presets on {data} inputs {IN_SHAPES[data]} (width {width:g})")
+    for col in ("name", "blocks", "parameters", "multiply-adds", "output"):
+        t.add_column(col, justify="right" if col != "name" else "left")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["name"], "-", "-", "-", r["error"])
+        else:
+            t.add_row(r["name"], str(r["blocks"]), f"{r['parameters']:,}", f"{r['macs']:,}",
+                      "x".join(map(str, r["output"])))
     out_console.print(t)
 
 
@@ -323,11 +329,16 @@ _mount_subcommands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from edge.app.train import Interrupted
+
     try:
         app(args=argv, prog_name="edge")
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("interrupted (nothing was being saved)", file=sys.stderr)
         sys.exit(130)

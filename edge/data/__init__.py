@@ -66,8 +66,8 @@ Paths (the format is detected from what is there):
   test_y.bin, and optionally unlabeled_X.bin (-> ``x_unlabeled``, memory-mapped, 100000
   images). uint8, each image 3 channels of column-major 96x96; labels 1..10 -> 0..9.
 * Tiny ImageNet (``tiny-imagenet-200/``): wnids.txt, train/<wnid>/images/*.JPEG,
-  val/images + val/val_annotations.txt; val is the test split (the unlabelled test/ is not
-  read). Classes are the sorted wnids.
+  val/images + val/val_annotations.txt; val is the test split (the images the annotations
+  list; the unlabelled test/ is not read). Classes are the sorted wnids.
 
 In image folders and Tiny ImageNet, each split is ordered round-robin over classes (each
 class's files by name), so ``subset`` stays balanced. Decoded data sets are cached in

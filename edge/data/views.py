@@ -124,7 +124,7 @@ def _fit(cfg: ViewConfig, shape: tuple[int, ...]) -> ViewConfig:
 def blur_size(side: int, frac: float) -> int:
     """Gaussian kernel side for an image side: floor(frac * side), made odd (1 = no blur)."""
     k = int(frac * side)
-    return max(1, k if k % 2 else k + 1) if k >= 2 else 1
+    return k + 1 - k % 2 if k >= 2 else 1
 
 
 def two_views(x: torch.Tensor, gen: torch.Generator, views: ViewConfig,

@@ -55,8 +55,9 @@ def _tensor_info(name: str, val: Any, category: str) -> TensorInfo | None:
     if not isinstance(val, torch.Tensor):
         return None
     dtype = str(val.dtype).removeprefix("torch.")
-    return TensorInfo(name, int(val.numel()) * val.element_size(), category, tuple(val.shape),
-                      dtype)
+    return TensorInfo(
+        name, int(val.numel()) * val.element_size(), category, tuple(val.shape), dtype
+    )
 
 
 def fx_to_schedule(

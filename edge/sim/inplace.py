@@ -19,9 +19,34 @@ from edge.sim.schedule import Schedule
 
 ELEMENTWISE = frozenset(
     {
-        "abs", "add", "addcdiv", "addcmul", "clamp", "clip", "copy", "div", "exp", "identity",
-        "lerp", "maximum", "minimum", "mul", "neg", "pow", "relu", "rsqrt", "sigmoid", "sign",
-        "sqrt", "sub", "tanh", "where", "foreach_add", "foreach_sub", "cast", "to_copy",
+        "abs",
+        "add",
+        "addcdiv",
+        "addcmul",
+        "clamp",
+        "clip",
+        "copy",
+        "div",
+        "exp",
+        "identity",
+        "lerp",
+        "maximum",
+        "minimum",
+        "mul",
+        "neg",
+        "pow",
+        "relu",
+        "rsqrt",
+        "sigmoid",
+        "sign",
+        "sqrt",
+        "sub",
+        "tanh",
+        "where",
+        "foreach_add",
+        "foreach_sub",
+        "cast",
+        "to_copy",
     }
 )
 

@@ -54,6 +54,7 @@ def measure_shapes(model: ModelProto, names: Sequence[str]) -> dict[str, TensorI
     for name, value in zip(out_names, sess.run(out_names, feed), strict=True):
         if name in wanted and isinstance(value, np.ndarray):
             arr = np.asarray(value)
-            result[name] = TensorInfo(name, int(arr.nbytes), "activation", tuple(arr.shape),
-                                      arr.dtype.name)
+            result[name] = TensorInfo(
+                name, int(arr.nbytes), "activation", tuple(arr.shape), arr.dtype.name
+            )
     return result

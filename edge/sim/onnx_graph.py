@@ -89,8 +89,9 @@ class GraphOptions:
         for k, v in self.dims.items():
             if not isinstance(v, int) or v < 1:
                 raise EdgeError(f"dim {k!r} must be a positive integer, got {v!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or
-                                            self.batch_size < 1):
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
             raise EdgeError(f"batch size must be a positive integer, got {self.batch_size!r}")
 
     @property
@@ -106,7 +107,8 @@ class GraphOptions:
         m = dict(manifest or {})
         bindings = m.get("bindings") or {}
         if not isinstance(bindings, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in bindings.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in bindings.items()
+        ):
             raise EdgeError("manifest 'bindings' must map new-parameter output -> parameter input")
         names = {}
         for key in ("param_names", "state_names"):
@@ -156,8 +158,11 @@ def input_category(name: str, opts: GraphOptions, initializer: bool = False) -> 
 def _resolve_inputs(model: ModelProto, opts: GraphOptions, inits: set[str]) -> dict[str, int]:
     """Write concrete dims into the graph inputs; return every dim name -> value used."""
     resolved = dict(opts.dims)
-    data_inputs = [i for i in model.graph.input
-                   if i.name not in inits and input_category(i.name, opts) == "input"]
+    data_inputs = [
+        i
+        for i in model.graph.input
+        if i.name not in inits and input_category(i.name, opts) == "input"
+    ]
     filled = False
     for idx, vi in enumerate(data_inputs):
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
@@ -178,11 +183,15 @@ def _resolve_inputs(model: ModelProto, opts: GraphOptions, inits: set[str]) -> d
                 filled = True
     if opts.batch_size is not None and not filled and data_inputs:
         first = data_inputs[0]
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-                for d in first.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+            for d in first.type.tensor_type.shape.dim
+        ]
         if not dims or dims[0] != opts.batch_size:
-            raise EdgeError(f"batch size {opts.batch_size}: input {first.name!r} has no dynamic "
-                            f"batch dim (shape {dims}); export it with a dynamic axis or drop it")
+            raise EdgeError(
+                f"batch size {opts.batch_size}: input {first.name!r} has no dynamic "
+                f"batch dim (shape {dims}); export it with a dynamic axis or drop it"
+            )
     for vi in list(model.graph.output) + list(model.graph.value_info):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in resolved:
@@ -202,8 +211,12 @@ def _infer(model: ModelProto, notes: list[str]) -> ModelProto:
 
 
 def _size_node_outputs(
-    g: GraphProto, types: Mapping[str, TypeProto], size, readers: set[str],
-    model: ModelProto | None, notes: list[str],
+    g: GraphProto,
+    types: Mapping[str, TypeProto],
+    size,
+    readers: set[str],
+    model: ModelProto | None,
+    notes: list[str],
 ) -> dict[str, TensorInfo | None]:
     """Size every node output; measure the ones inference left unknown (see `measure`)."""
     sized: dict[str, TensorInfo | None] = {}
@@ -211,9 +224,11 @@ def _size_node_outputs(
     for step, node in enumerate(g.node):
         for name in (o for o in node.output if o):
             try:
-                sized[name] = size(name, types.get(name),
-                                   f"output of {node.op_type} "
-                                   f"{repr(node.name) if node.name else f'#{step}'}")
+                sized[name] = size(
+                    name,
+                    types.get(name),
+                    f"output of {node.op_type} {repr(node.name) if node.name else f'#{step}'}",
+                )
             except EdgeError as exc:
                 sized[name], failed[name] = None, exc
     missing = [n for n, info in sized.items() if info is None]
@@ -224,24 +239,34 @@ def _size_node_outputs(
         try:
             measured = measure_shapes(model, missing)
             sized.update(measured)
-            notes.append(f"{len(measured)} tensor shapes that shape inference could not derive "
-                         "were measured by running onnxruntime on all-zero inputs")
+            notes.append(
+                f"{len(measured)} tensor shapes that shape inference could not derive "
+                "were measured by running onnxruntime on all-zero inputs"
+            )
         except Exception as exc:
             why = f" (measuring it with onnxruntime failed: {_one_line(exc, 120)})"
     for name in missing:
         if sized[name] is None and name in readers:
             err = failed.get(name) or EdgeError(
                 f"ONNX shape inference could not find the shape of {name!r}; export with "
-                "static shapes")
+                "static shapes"
+            )
             raise EdgeError(f"{err}{why}") from None
     return sized
 
 
 def _is_view(node: onnx.NodeProto, opts: GraphOptions, graph_outputs: set[str]) -> bool:
     """Rule 6: an ONNX-domain VIEW_OPS node whose output 0 is not a graph output."""
-    return (opts.alias_views and node.domain in ("", "ai.onnx") and node.op_type in VIEW_OPS
-            and bool(node.input) and bool(node.input[0]) and bool(node.output)
-            and bool(node.output[0]) and node.output[0] not in graph_outputs)
+    return (
+        opts.alias_views
+        and node.domain in ("", "ai.onnx")
+        and node.op_type in VIEW_OPS
+        and bool(node.input)
+        and bool(node.input[0])
+        and bool(node.output)
+        and bool(node.output[0])
+        and node.output[0] not in graph_outputs
+    )
 
 
 def schedule_from_onnx(
@@ -292,8 +317,7 @@ def schedule_from_onnx(
     outputs_set = set(output_names)
     views = {node.output[0] for node in g.node if _is_view(node, opts, outputs_set)}
     readers = ({i for node in g.node for i in node.input} | outputs_set) - views
-    sized = _size_node_outputs(g, types, size, readers, model_copy if opts.measure else None,
-                               notes)
+    sized = _size_node_outputs(g, types, size, readers, model_copy if opts.measure else None, notes)
     for step, node in enumerate(g.node):
         op_type = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -308,10 +332,13 @@ def schedule_from_onnx(
             refs += sorted(outer & (defined | produced_later))
         for name in refs:
             if name not in defined:
-                where = ("a later node" if name in produced_later
-                         else "no node, input or initializer")
-                raise EdgeError(f"node {op_name!r} reads {name!r}, which {where} defines; ONNX "
-                                "graphs must list nodes in topological order")
+                where = (
+                    "a later node" if name in produced_later else "no node, input or initializer"
+                )
+                raise EdgeError(
+                    f"node {op_name!r} reads {name!r}, which {where} defines; ONNX "
+                    "graphs must list nodes in topological order"
+                )
             base = view_of.get(name, name)
             if base not in ins:
                 ins.append(base)
@@ -329,8 +356,13 @@ def schedule_from_onnx(
             if info is None:
                 unsized.append(name)
                 continue
-            cat = ("update_buffer" if name in opts.bindings
-                   else "output" if name in output_names else "activation")
+            cat = (
+                "update_buffer"
+                if name in opts.bindings
+                else "output"
+                if name in output_names
+                else "activation"
+            )
             tensors[name] = replace(info, category=cat)
             outs.append(name)
         if scratch:
@@ -344,8 +376,11 @@ def schedule_from_onnx(
     if model_copy.functions:
         notes.append("model-local functions are sized by their outputs only")
     if view_of:
-        notes.append(f"{len(view_of)} outputs of {'/'.join(sorted(VIEW_OPS))} alias their "
-                     "inputs (no bytes of their own; the base lives until the views' last reader)")
+        notes.append(
+            f"{len(view_of)} outputs of {'/'.join(sorted(VIEW_OPS))} alias their "
+            "inputs (no bytes of their own; the base lives until the views' last reader)"
+        )
     outputs = tuple(dict.fromkeys(view_of.get(o, o) for o in output_names))
-    return Schedule(tuple(ops), tensors, dict(opts.bindings), outputs,
-                    name=g.name or "onnx", notes=tuple(notes))
+    return Schedule(
+        tuple(ops), tensors, dict(opts.bindings), outputs, name=g.name or "onnx", notes=tuple(notes)
+    )

@@ -105,8 +105,11 @@ def _place(items: list[Buffer]) -> list[Placement]:
             if buf.last - buf.first < 64:  # short-lived: who is live during its steps
                 near = {j for t in range(buf.first, buf.last + 1) for j in at[t]}
             else:  # long-lived: scanning every placed buffer is cheaper
-                near = {j for j, p in enumerate(placed)
-                        if p.size and p.first <= buf.last and buf.first <= p.last}
+                near = {
+                    j
+                    for j, p in enumerate(placed)
+                    if p.size and p.first <= buf.last and buf.first <= p.last
+                }
             for j in sorted(near, key=lambda j: placed[j].offset):  # first fit, bottom up
                 p = placed[j]
                 if offset + buf.size <= p.offset:
@@ -165,8 +168,12 @@ def _promoted(items: list[Buffer], rounds: int, good_enough: int) -> list[Placem
     return best
 
 
-def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
-                 rounds: int = 16, tolerance: float = 1.01) -> ArenaPlan:
+def refined_plan(
+    buffers: Iterable[Buffer],
+    alignment: int = DEFAULT_ALIGNMENT,
+    rounds: int = 16,
+    tolerance: float = 1.01,
+) -> ArenaPlan:
     """Greedy by size; while the arena is above `tolerance` x the lower bound, the other
     `ORDERS` too, each refined by up to `rounds` top-first re-plans (module docstring)."""
     items = _aligned(buffers, alignment)
@@ -178,8 +185,9 @@ def refined_plan(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT,
         placed = _promoted(sorted(items, key=key), rounds, good_enough)
         if _top(placed) < _top(best):
             best = placed
-    return ArenaPlan(tuple(best), _top(best), alignment,
-                     greedy_bytes=plain if plain != _top(best) else None)
+    return ArenaPlan(
+        tuple(best), _top(best), alignment, greedy_bytes=plain if plain != _top(best) else None
+    )
 
 
 def lower_bound(buffers: Iterable[Buffer], alignment: int = DEFAULT_ALIGNMENT) -> int:
@@ -259,4 +267,3 @@ def plan_schedule(
     plan = refined_plan(buffers, alignment)
     plan = ArenaPlan(plan.placements, plan.arena_bytes, alignment, aliases, plan.greedy_bytes)
     return plan, lower_bound(buffers, alignment), no_reuse(buffers, alignment)
-

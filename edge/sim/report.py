@@ -3,7 +3,8 @@
 The timeline is a stacked area of live bytes per category over op index (persistent
 categories at the bottom, since they are live throughout), with the on-chip capacity as a
 horizontal line (and, when the target reserves some of it, the usable bytes dotted), the
-planned peak (arena + on-chip persistent) dashed, and the peak op annotated. Matplotlib runs on the Agg backend: no display needed.
+planned peak (arena + on-chip persistent) dashed, and the peak op annotated. Matplotlib runs
+on the Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -45,17 +46,23 @@ def render_table(report: MemoryReport, console: Console | None = None) -> None:
     t.add_column("", justify="right")
     lb = report.lower_bound_bytes
     ratio = f"{report.arena_bytes / lb:.3f}x lower bound" if lb else ""
-    t.add_row("peak (arena + on-chip persistent)", f"{report.peak_bytes:,}",
-              fmt_bytes(report.peak_bytes))
+    t.add_row(
+        "peak (arena + on-chip persistent)", f"{report.peak_bytes:,}", fmt_bytes(report.peak_bytes)
+    )
     t.add_row("arena (greedy plan)", f"{report.arena_bytes:,}", ratio)
     t.add_row("arena lower bound", f"{lb:,}", fmt_bytes(lb))
-    t.add_row("arena without reuse", f"{report.no_reuse_bytes:,}",
-              fmt_bytes(report.no_reuse_bytes))
-    t.add_row("persistent on chip", f"{report.persistent_onchip_bytes:,}",
-              fmt_bytes(report.persistent_onchip_bytes))
+    t.add_row("arena without reuse", f"{report.no_reuse_bytes:,}", fmt_bytes(report.no_reuse_bytes))
+    t.add_row(
+        "persistent on chip",
+        f"{report.persistent_onchip_bytes:,}",
+        fmt_bytes(report.persistent_onchip_bytes),
+    )
     if report.inplace_saved_bytes:
-        t.add_row("saved by in-place updates", f"{report.inplace_saved_bytes:,}",
-                  fmt_bytes(report.inplace_saved_bytes))
+        t.add_row(
+            "saved by in-place updates",
+            f"{report.inplace_saved_bytes:,}",
+            fmt_bytes(report.inplace_saved_bytes),
+        )
     op = report.peak_op
     if op.get("name") is not None:
         t.add_row("peak op", f"step {op['step']}", f"{op['name']} ({op['op_type']})")
@@ -65,9 +72,16 @@ def render_table(report: MemoryReport, console: Console | None = None) -> None:
     for col in ("tier", "kind", "capacity", "reserved", "usable", "used", "headroom", "fits"):
         tiers.add_column(col, justify="left" if col in ("tier", "kind") else "right")
     for u in report.tiers:
-        tiers.add_row(u.name, u.kind, fmt_bytes(u.capacity), fmt_bytes(u.reserved),
-                      fmt_bytes(u.usable), fmt_bytes(u.used), fmt_bytes(u.headroom),
-                      "yes" if u.fits else "[red]no[/red]")
+        tiers.add_row(
+            u.name,
+            u.kind,
+            fmt_bytes(u.capacity),
+            fmt_bytes(u.reserved),
+            fmt_bytes(u.usable),
+            fmt_bytes(u.used),
+            fmt_bytes(u.headroom),
+            "yes" if u.fits else "[red]no[/red]",
+        )
     console.print(tiers)
 
     cats = Table(title="tensors by category")
@@ -111,22 +125,47 @@ def plot_timeline(report: MemoryReport, path: str | Path, title: str | None = No
     try:
         xs = steps + [steps[-1] + 1]  # each op holds its bytes for one unit of x
         if cats:
-            ax.stackplot(xs, [[r[c] / scale for r in rows + rows[-1:]] for c in cats],
-                         labels=cats, colors=[_COLORS[c] for c in cats], alpha=0.85, step="post")
-        ax.axhline(arena_tier.capacity / scale, color="black", lw=1.2,
-                   label=f"{arena_tier.name} capacity ({fmt_bytes(arena_tier.capacity)})")
+            ax.stackplot(
+                xs,
+                [[r[c] / scale for r in rows + rows[-1:]] for c in cats],
+                labels=cats,
+                colors=[_COLORS[c] for c in cats],
+                alpha=0.85,
+                step="post",
+            )
+        ax.axhline(
+            arena_tier.capacity / scale,
+            color="black",
+            lw=1.2,
+            label=f"{arena_tier.name} capacity ({fmt_bytes(arena_tier.capacity)})",
+        )
         if arena_tier.reserved:
-            ax.axhline(arena_tier.usable / scale, color="black", lw=1.2, ls=":",
-                       label=f"usable after {fmt_bytes(arena_tier.reserved)} reserved "
-                       f"({fmt_bytes(arena_tier.usable)})")
-        ax.axhline(report.peak_bytes / scale, color="black", lw=1, ls="--",
-                   label=f"planned peak ({fmt_bytes(report.peak_bytes)})")
+            ax.axhline(
+                arena_tier.usable / scale,
+                color="black",
+                lw=1.2,
+                ls=":",
+                label=f"usable after {fmt_bytes(arena_tier.reserved)} reserved "
+                f"({fmt_bytes(arena_tier.usable)})",
+            )
+        ax.axhline(
+            report.peak_bytes / scale,
+            color="black",
+            lw=1,
+            ls="--",
+            label=f"planned peak ({fmt_bytes(report.peak_bytes)})",
+        )
         op = report.peak_op
         if op.get("step") is not None:
             y = sum(rows[op["step"]].values()) / scale
-            ax.annotate(f"peak at op {op['step']}: {op['name']} ({op['op_type']})",
-                        xy=(op["step"] + 0.5, y), xytext=(0.35, 0.93), textcoords="axes fraction",
-                        fontsize=8, arrowprops={"arrowstyle": "->", "lw": 0.8})
+            ax.annotate(
+                f"peak at op {op['step']}: {op['name']} ({op['op_type']})",
+                xy=(op["step"] + 0.5, y),
+                xytext=(0.35, 0.93),
+                textcoords="axes fraction",
+                fontsize=8,
+                arrowprops={"arrowstyle": "->", "lw": 0.8},
+            )
         ax.set_xlabel("op index")
         ax.set_ylabel(f"live {unit}")
         ax.set_xlim(xs[0], xs[-1])
@@ -148,9 +187,11 @@ def render_code_size(iree: dict, console: Console | None = None) -> None:
     """The IREE-compiled step's code beside the target's flash (`export.iree` report)."""
     console = console or Console()
     check = iree.get("parity") or {}
-    console.print(f"IREE host module {fmt_bytes(iree['host']['bytes'])}; parity with "
-                  f"onnxruntime over {check.get('steps')} steps: relative L2 "
-                  f"{check.get('max_rel_l2', 0):.1e}")
+    console.print(
+        f"IREE host module {fmt_bytes(iree['host']['bytes'])}; parity with "
+        f"onnxruntime over {check.get('steps')} steps: relative L2 "
+        f"{check.get('max_rel_l2', 0):.1e}"
+    )
     cross = iree.get("cross")
     if not cross:
         return
@@ -163,10 +204,15 @@ def render_code_size(iree: dict, console: Console | None = None) -> None:
     used = fmt_bytes(cross["flash_bytes"])
     if flash:
         verdict = "fits" if flash["fits"] else "[red]does not fit[/red]"
-        t.add_row(f"flash ({flash['tier']})", f"{used} of {fmt_bytes(flash['capacity'])}",
-                  f"{100 * flash['fraction']:.1f} %, {verdict}")
+        t.add_row(
+            f"flash ({flash['tier']})",
+            f"{used} of {fmt_bytes(flash['capacity'])}",
+            f"{100 * flash['fraction']:.1f} %, {verdict}",
+        )
     else:
         t.add_row("flash", used, "target lists no flash tier")
     console.print(t)
-    console.print("note: the IREE runtime (VM + HAL) and soft-float helpers are linked once per "
-                  "firmware and not counted")
+    console.print(
+        "note: the IREE runtime (VM + HAL) and soft-float helpers are linked once per "
+        "firmware and not counted"
+    )

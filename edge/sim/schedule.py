@@ -42,8 +42,9 @@ class TensorInfo:
         if not self.name:
             raise ValueError("TensorInfo needs a non-empty name")
         if self.category not in CATEGORIES:
-            raise ValueError(f"tensor {self.name!r}: category {self.category!r} is not one of "
-                             f"{CATEGORIES}")
+            raise ValueError(
+                f"tensor {self.name!r}: category {self.category!r} is not one of {CATEGORIES}"
+            )
         if not isinstance(self.nbytes, int) or self.nbytes < 0:
             raise ValueError(f"tensor {self.name!r}: nbytes must be a non-negative int")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -185,5 +186,8 @@ class Schedule:
         return tuple(t for t in self.tensors.values() if t.category == category)
 
     def total_bytes(self, categories: frozenset[str] | set[str] | None = None) -> int:
-        return sum(t.nbytes for t in self.tensors.values()
-                   if categories is None or t.category in categories)
+        return sum(
+            t.nbytes
+            for t in self.tensors.values()
+            if categories is None or t.category in categories
+        )

@@ -171,8 +171,13 @@ def _plan_part(schedule: Schedule, options: SimOptions, prefix: str = "") -> _Pa
     return _Part(schedule, plan, lower, nr, prefix)
 
 
-def _fill(tensors: Sequence[TensorInfo], tiers: Sequence[MemoryTier], free: dict[str, int],
-          align: int, where: dict[str, str]) -> None:
+def _fill(
+    tensors: Sequence[TensorInfo],
+    tiers: Sequence[MemoryTier],
+    free: dict[str, int],
+    align: int,
+    where: dict[str, str],
+) -> None:
     """Worst fit: each tensor (largest first) into the tier with the most room left."""
     for t in sorted(tensors, key=lambda t: (-t.nbytes, t.name)):
         tier = max(tiers, key=lambda x: (free[x.name], -tiers.index(x)))
@@ -181,16 +186,22 @@ def _fill(tensors: Sequence[TensorInfo], tiers: Sequence[MemoryTier], free: dict
 
 
 def _place_persistent(
-    pers: Sequence[TensorInfo], writable: set[str], arena: int, target: Target,
-    options: SimOptions, arena_tier: MemoryTier,
+    pers: Sequence[TensorInfo],
+    writable: set[str],
+    arena: int,
+    target: Target,
+    options: SimOptions,
+    arena_tier: MemoryTier,
 ) -> tuple[dict[str, str], list[str]]:
     """Tensor -> tier name for persistent tensors, by policy; plus notes."""
     a = options.alignment
     sram, flash, dram = (list(target.tier(k)) for k in ("sram", "flash", "dram"))
 
     def fresh() -> dict[str, int]:
-        return {t.name: t.usable_bytes - (arena if t.name == arena_tier.name else 0)
-                for t in target.tiers}
+        return {
+            t.name: t.usable_bytes - (arena if t.name == arena_tier.name else 0)
+            for t in target.tiers
+        }
 
     free, where, notes = fresh(), {}, []
     ro = [t for t in pers if t.name not in writable]
@@ -206,13 +217,16 @@ def _place_persistent(
         notes.append("auto: persistent tensors do not fit in SRAM beside the arena")
         if ro:
             _fill(ro, [off], free, a, where)
-            notes.append(f"{len(ro)} read-only persistent tensors placed in {off.name} "
-                         f"({off.kind})")
+            notes.append(
+                f"{len(ro)} read-only persistent tensors placed in {off.name} ({off.kind})"
+            )
         if rw:
             wtier = [max(dram, key=lambda t: t.usable_bytes)] if dram else sram
             _fill(rw, wtier, free, a, where)
-            notes.append(f"{len(rw)} tensors the step updates ({rw_bytes} B) need writable "
-                         f"memory: placed in {wtier[0].name} ({wtier[0].kind})")
+            notes.append(
+                f"{len(rw)} tensors the step updates ({rw_bytes} B) need writable "
+                f"memory: placed in {wtier[0].name} ({wtier[0].kind})"
+            )
         return where, notes
     if policy == "sram":
         _fill(pers, sram, free, a, where)
@@ -222,14 +236,17 @@ def _place_persistent(
         _fill(pers, dram, free, a, where)
     else:
         if not flash:
-            raise EdgeError(f"target {target.name!r} has no flash tier; use --persistent "
-                            "sram/dram/auto")
+            raise EdgeError(
+                f"target {target.name!r} has no flash tier; use --persistent sram/dram/auto"
+            )
         _fill(ro, flash, free, a, where)
         if rw:
             _fill(rw, sram, free, a, where)
-            notes.append(f"flash is read-only at run time: the {len(rw)} tensors this training "
-                         f"step updates ({rw_bytes} B) were placed in SRAM instead; flash can "
-                         "hold parameters only for inference graphs (no bindings)")
+            notes.append(
+                f"flash is read-only at run time: the {len(rw)} tensors this training "
+                f"step updates ({rw_bytes} B) were placed in SRAM instead; flash can "
+                "hold parameters only for inference graphs (no bindings)"
+            )
     return where, notes
 
 
@@ -248,12 +265,14 @@ def _shared_persistent(parts: Sequence[_Part]) -> set[str]:
     return {n for n, sizes in seen.items() if count[n] > 1 and len(sizes) == 1}
 
 
-def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name: str
-              ) -> MemoryReport:
+def _assemble(
+    parts: Sequence[_Part], target: Target, options: SimOptions, name: str
+) -> MemoryReport:
     a = options.alignment
     onchip_kind = "sram"
-    arena_tier = max(target.tier(onchip_kind) or target.tiers,
-                     key=lambda t: (t.usable_bytes, t.bytes))
+    arena_tier = max(
+        target.tier(onchip_kind) or target.tiers, key=lambda t: (t.usable_bytes, t.bytes)
+    )
     arena = max((p.plan.arena_bytes for p in parts), default=0)
     pers: list[TensorInfo] = []
     writable: set[str] = set()
@@ -266,8 +285,9 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
         for t in p.schedule.tensors.values():
             if t.persistent and key(p, t.name) not in {x.name for x in pers}:
                 pers.append(replace(t, name=key(p, t.name)))
-            if t.persistent and (t.category == "optimizer_state"
-                                 or t.name in p.schedule.bindings.values()):
+            if t.persistent and (
+                t.category == "optimizer_state" or t.name in p.schedule.bindings.values()
+            ):
                 writable.add(key(p, t.name))
     where, notes = _place_persistent(pers, writable, arena, target, options, arena_tier)
     tier_kind = {t.name: t.kind for t in target.tiers}
@@ -279,8 +299,9 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
     for t in sorted(pers, key=lambda t: (where[t.name], -t.nbytes, t.name)):
         pers_offset[t.name] = used[where[t.name]]
         used[where[t.name]] += align_up(t.nbytes, a)
-    persistent_onchip = sum(align_up(t.nbytes, a) for t in pers
-                            if tier_kind[where[t.name]] == onchip_kind)
+    persistent_onchip = sum(
+        align_up(t.nbytes, a) for t in pers if tier_kind[where[t.name]] == onchip_kind
+    )
 
     timeline: list[TimelineRow] = []
     per_category = dict.fromkeys(CATEGORIES, 0)
@@ -305,18 +326,40 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
                 if full not in placed_pers:
                     placed_pers.add(full)
                     per_category[t.category] += t.nbytes
-                    plan.append(TensorPlan(full, t.category, where[full], pers_offset[full],
-                                           t.nbytes, 0, end))
+                    plan.append(
+                        TensorPlan(
+                            full, t.category, where[full], pers_offset[full], t.nbytes, 0, end
+                        )
+                    )
                 continue
             per_category[t.category] += t.nbytes
             if alias is not None:  # bindings target persistent tensors only
                 saved += t.nbytes
                 tgt = key(p, alias)
-                plan.append(TensorPlan(full, t.category, where[tgt], pers_offset[tgt], t.nbytes,
-                                       base + lt.first, base + lt.last, tgt))
+                plan.append(
+                    TensorPlan(
+                        full,
+                        t.category,
+                        where[tgt],
+                        pers_offset[tgt],
+                        t.nbytes,
+                        base + lt.first,
+                        base + lt.last,
+                        tgt,
+                    )
+                )
                 continue
-            plan.append(TensorPlan(full, t.category, arena_tier.name, off[t.name], t.nbytes,
-                                   base + lt.first, base + lt.last))
+            plan.append(
+                TensorPlan(
+                    full,
+                    t.category,
+                    arena_tier.name,
+                    off[t.name],
+                    t.nbytes,
+                    base + lt.first,
+                    base + lt.last,
+                )
+            )
             if n:
                 delta[lt.first][t.category] += t.nbytes
                 delta[lt.last + 1][t.category] -= t.nbytes
@@ -326,43 +369,76 @@ def _assemble(parts: Sequence[_Part], target: Target, options: SimOptions, name:
                 live[c] += delta[i][c]
             row = {c: live[c] + pers_live[c] for c in CATEGORIES}
             transient = sum(v for c, v in live.items() if c not in PERSISTENT)
-            timeline.append(TimelineRow(base + i, p.prefix + op.name, op.op_type, row,
-                                        transient + pers_onchip_raw))
+            timeline.append(
+                TimelineRow(
+                    base + i, p.prefix + op.name, op.op_type, row, transient + pers_onchip_raw
+                )
+            )
         base += n
     for p in parts:
         notes.extend(p.prefix + n for n in p.schedule.notes)
         if p.plan.greedy_bytes is not None:
-            notes.append(f"{p.prefix}arena: greedy by size gave {p.plan.greedy_bytes} B; "
-                         f"re-planned with the top buffers first: {p.plan.arena_bytes} B")
+            notes.append(
+                f"{p.prefix}arena: greedy by size gave {p.plan.greedy_bytes} B; "
+                f"re-planned with the top buffers first: {p.plan.arena_bytes} B"
+            )
 
-    tiers = tuple(TierUsage(t.name, t.kind, t.bytes, t.reserved_bytes, t.usable_bytes,
-                            used[t.name], used[t.name] <= t.usable_bytes,
-                            t.usable_bytes - used[t.name]) for t in target.tiers)
+    tiers = tuple(
+        TierUsage(
+            t.name,
+            t.kind,
+            t.bytes,
+            t.reserved_bytes,
+            t.usable_bytes,
+            used[t.name],
+            used[t.name] <= t.usable_bytes,
+            t.usable_bytes - used[t.name],
+        )
+        for t in target.tiers
+    )
     reserved = [t for t in target.tiers if t.reserved_bytes]
     if reserved:
-        notes.append("reserved by the runtime, not available to tensors: " + ", ".join(
-            f"{t.name} {t.reserved_bytes} B" for t in reserved))
+        notes.append(
+            "reserved by the runtime, not available to tensors: "
+            + ", ".join(f"{t.name} {t.reserved_bytes} B" for t in reserved)
+        )
     if timeline:
         top = max(timeline, key=lambda r: (r.onchip_bytes, -r.step))
-        peak_op = {"step": top.step, "name": top.op, "op_type": top.op_type,
-                   "live_bytes": top.onchip_bytes}
+        peak_op = {
+            "step": top.step,
+            "name": top.op,
+            "op_type": top.op_type,
+            "live_bytes": top.onchip_bytes,
+        }
     else:
         peak_op = {"step": None, "name": None, "op_type": None, "live_bytes": 0}
     trained = any(p.schedule.bindings for p in parts)
     return MemoryReport(
-        graph=name, target=target.name, fits=all(t.fits for t in tiers),
-        peak_bytes=arena + persistent_onchip, arena_bytes=arena,
+        graph=name,
+        target=target.name,
+        fits=all(t.fits for t in tiers),
+        peak_bytes=arena + persistent_onchip,
+        arena_bytes=arena,
         lower_bound_bytes=max((p.lower for p in parts), default=0),
         no_reuse_bytes=max((p.no_reuse for p in parts), default=0),
-        persistent_onchip_bytes=persistent_onchip, peak_op=peak_op, per_category=per_category,
-        tiers=tiers, timeline=tuple(timeline), plan=tuple(plan), arena_tier=arena_tier.name,
-        persistent=options.persistent, trained=trained, inplace_saved_bytes=saved,
-        alignment=a, notes=tuple(notes),
+        persistent_onchip_bytes=persistent_onchip,
+        peak_op=peak_op,
+        per_category=per_category,
+        tiers=tiers,
+        timeline=tuple(timeline),
+        plan=tuple(plan),
+        arena_tier=arena_tier.name,
+        persistent=options.persistent,
+        trained=trained,
+        inplace_saved_bytes=saved,
+        alignment=a,
+        notes=tuple(notes),
     )
 
 
-def simulate(graph: GraphLike, target: Target | str | Path,
-             options: SimOptions | None = None) -> MemoryReport:
+def simulate(
+    graph: GraphLike, target: Target | str | Path, options: SimOptions | None = None
+) -> MemoryReport:
     """Simulate one graph (a Schedule, ModelProto, ONNX bytes or path) on a target."""
     options = options or SimOptions()
     tgt = load_target(target)
@@ -370,8 +446,9 @@ def simulate(graph: GraphLike, target: Target | str | Path,
     return _assemble([_plan_part(schedule, options)], tgt, options, schedule.name)
 
 
-def simulate_sequence(graphs: Sequence[GraphLike], target: Target | str | Path,
-                      options: SimOptions | None = None) -> MemoryReport:
+def simulate_sequence(
+    graphs: Sequence[GraphLike], target: Target | str | Path, options: SimOptions | None = None
+) -> MemoryReport:
     """Graphs run one after another (e.g. one local-learning step per layer).
 
     Peak = max arena over graphs + the persistent bytes of all graphs. Tensor names get a
@@ -387,8 +464,13 @@ def simulate_sequence(graphs: Sequence[GraphLike], target: Target | str | Path,
     return _assemble(parts, tgt, options, f"sequence of {len(parts)}: {name}")
 
 
-def max_batch_that_fits(model: ModelProto | str | Path | bytes, target: Target | str | Path,
-                        options: SimOptions | None = None, *, limit: int = 1 << 16) -> int | None:
+def max_batch_that_fits(
+    model: ModelProto | str | Path | bytes,
+    target: Target | str | Path,
+    options: SimOptions | None = None,
+    *,
+    limit: int = 1 << 16,
+) -> int | None:
     """Largest batch size (<= limit) for which the graph fits, or None if batch 1 does not.
 
     Doubling then bisection; assumes memory grows with the batch (it does for every tensor
@@ -417,12 +499,19 @@ def max_batch_that_fits(model: ModelProto | str | Path | bytes, target: Target |
     return lo
 
 
-COMPARED = ("fits", "peak_bytes", "arena_bytes", "lower_bound_bytes", "no_reuse_bytes",
-            "persistent_onchip_bytes")
+COMPARED = (
+    "fits",
+    "peak_bytes",
+    "arena_bytes",
+    "lower_bound_bytes",
+    "no_reuse_bytes",
+    "persistent_onchip_bytes",
+)
 
 
-def compare(a: MemoryReport, b: MemoryReport, labels: tuple[str, str] = ("a", "b")
-            ) -> dict[str, dict[str, Any]]:
+def compare(
+    a: MemoryReport, b: MemoryReport, labels: tuple[str, str] = ("a", "b")
+) -> dict[str, dict[str, Any]]:
     """Side-by-side key figures of two reports, with b - a and b / a for the byte counts."""
     out: dict[str, dict[str, Any]] = {}
     for key in COMPARED:

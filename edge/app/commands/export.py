@@ -50,9 +50,11 @@ def export_cmd(
     = None,
     target: Annotated[str | None, typer.Option(help="Device target name or .toml file.")] = None,
     rule: Annotated[str, typer.Option(help="Local learning rule.")] = "clapp++",
-    data: Annotated[str, typer.Option(help="digits | mnist | cifar10 (sets the input shape).")]
-    = "digits",
-    net: Annotated[str | None, typer.Option(help="vgg6 | digits | mnist | mlp.")] = None,
+    data: Annotated[str, typer.Option(help="digits | mnist | cifar10 or a data path (sets the "
+                                      "input shape; calibrates --quant int8*).")] = "digits",
+    net: Annotated[str | None, typer.Option(help="Preset or a .toml network spec.")] = None,
+    subset: Annotated[int | None, typer.Option(
+        help="Calibrate on the first N training images (as `edge train --subset`).")] = None,
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Images per step (fixed in the graph).")] = 64,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
@@ -83,10 +85,8 @@ def export_cmd(
         manifest = check_bundle(check)
         _print({"bundle": str(check), "ok": True, **summary(manifest)}, as_json)
         return
-    from edge.app.train import TrainConfig, build, initial_params
+    from edge.app.config import TrainConfig
 
-    if data not in IN_SHAPES:
-        raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
     from export.profile import check_profile, profile_bundle
 
     check_profile(profile)
@@ -103,31 +103,39 @@ def export_cmd(
 
         tgt = targets.load(target)
     cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      weight_decay=weight_decay, seed=seed, net=net, width=width,
+                      weight_decay=weight_decay, seed=seed, net=net, width=width, subset=subset,
                       rule_hparams=parse_hparams(hp), quant=quant, mode=mode)
     if quant != "fp32" and mode != "integer":
         raise EdgeError(f"--mode {mode} trains fp32 latent weights with an fp32 step; export "
                         "--mode integer, or --quant fp32 for the float step")
-    if quant != "fp32" and lr is None:  # integer mode's own default, as in `edge train`
-        import dataclasses
+    from edge.app.train import build, calibration, optim
+    from export.step import fp32_program, integer_program, require_local
 
-        from quant.engine import integer_default_lr
+    in_shape = IN_SHAPES.get(data)
+    ds = None
+    if quant != "fp32" or in_shape is None:
+        from edge.data import load
 
-        cfg = dataclasses.replace(cfg, lr=integer_default_lr(rule))
-    spec, learning_rule = build(cfg, IN_SHAPES[data])
-    opt = cfg.optim()
-    params = initial_params(cfg, spec, learning_rule)
-    state, program = opt.init_state(params), None
-    if quant != "fp32":
-        from edge.data import default_views, load
-        from edge.app.train import calibration
-        from export.integer import integer_start
+        ds = load(data, data_dir, subset)
+        in_shape = ds.in_shape
+    spec, learning_rule, params = build(cfg, in_shape)
+    require_local(learning_rule)
+    opt = optim(cfg)
+    if quant == "fp32":
+        program, state = fp32_program(spec, learning_rule, opt), opt.init_state(params)
+    else:
+        from edge.data import default_views
+        from quant.calibrate import make_plan
 
-        calib = calibration(cfg, load(data, data_dir), default_views(data))
-        program, params, state = integer_start(spec, learning_rule, opt, params, calib, quant)
+        calib = calibration(cfg, ds, default_views(data))
+        plan, params = make_plan(spec, learning_rule, params, calib, quant, opt.lr)
+        program = integer_program(spec, learning_rule, plan, params)
+        import torch
+
+        state = {"step": torch.zeros((), dtype=torch.int64)}
     assert out is not None
-    manifest = write_bundle(out, spec, learning_rule, opt, params, state, batch_size,
-                            target=tgt, per_layer=per_layer, program=program)
+    manifest = write_bundle(out, spec, learning_rule, program, params, state, batch_size,
+                            target=tgt, per_layer=per_layer)
     profile_bundle(out, profile)
     result = {"bundle": str(out), **summary(manifest), "profile": profile,
               "warnings": _target_warnings(tgt, manifest.quant)}

@@ -1,8 +1,11 @@
 """Where `edge simulate` gets its graphs: a bundle directory, or a rule built on the spot.
 
-For a rule, the local step is exported exactly as `edge export` would (fp32, AdamW), and the
-backprop side is the same network trained with BP-InfoNCE, traced through autograd into its
-real forward+backward graph (`edge.sim.backprop.joint_schedule`), never a formula.
+For a rule, the local step is exported exactly as `edge export` would (the same options:
+quantization and mode, optimizer, hyper-parameters, operator profile, per-block graphs), and
+the backprop side is the same network trained with BP-InfoNCE, traced through autograd into
+its real forward+backward graph (`edge.sim.backprop.joint_schedule`), never a formula. An
+integer step is calibrated on random normal views: its memory depends on shapes and dtypes,
+not on the calibrated exponents.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import onnx
 import torch
 
 from edge.app.commands import IN_SHAPES
+from edge.app.config import TrainConfig
 from edge.errors import EdgeError
 from edge.sim.schedule import Schedule
 
@@ -27,21 +31,6 @@ def from_bundle(bundle: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     return model, manifest.step.memory_view()
 
 
-def _net_rule(rule_name: str, data: str, net_name: str | None, width: float):
-    from edge import rules
-    from edge.nets import default_preset, init_params, preset
-
-    if data not in IN_SHAPES:
-        raise EdgeError(f"unknown data set {data!r}; valid: {', '.join(IN_SHAPES)}")
-    net = preset(net_name or default_preset(data), IN_SHAPES[data], width)
-    rule = rules.get(rule_name)
-    rule.check(net)
-    gen = torch.Generator().manual_seed(0)
-    params = init_params(net, gen)
-    params.update(rule.init(net, gen))
-    return net, rule, params
-
-
 def layers_from_bundle(bundle: Path) -> list[tuple[onnx.ModelProto, dict[str, Any]]]:
     """The bundle's per-layer graphs with their manifest views ([] if it has none)."""
     from export.bundle import check_bundle
@@ -50,42 +39,72 @@ def layers_from_bundle(bundle: Path) -> list[tuple[onnx.ModelProto, dict[str, An
     return [(onnx.load(str(Path(bundle) / io.file)), io.memory_view()) for io in manifest.layers]
 
 
-def layers_from_rule(
-    rule_name: str, data: str, net_name: str | None, width: float, batch: int
-) -> list[tuple[onnx.ModelProto, dict[str, Any]]]:
-    """Per-layer graphs as `edge export --per-layer` writes them; [] for a rule that needs a
-    whole-network context (its layers cannot train one graph at a time)."""
-    from edge.optim import OptimConfig
-    from export.layers import layer_step_graphs
-    from export.program import fp32_program
+def in_shape(data: str) -> tuple[int, ...]:
+    if data in IN_SHAPES:
+        return IN_SHAPES[data]
+    from edge.data import load
 
-    net, rule, params = _net_rule(rule_name, data, net_name, width)
-    opt = OptimConfig("adamw", lr=1e-3)
-    if fp32_program(net, rule, opt).layer is None:
-        return []
-    models, ios = layer_step_graphs(net, rule, opt, params, opt.init_state(params), batch)
-    return [(m, io.memory_view()) for m, io in zip(models, ios, strict=True)]
+    return load(data).in_shape
 
 
-def from_rule(
-    rule_name: str, data: str, net_name: str | None, width: float, batch: int
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    from edge.optim import OptimConfig
-    from export.training_step import training_step
+def program_for(cfg: TrainConfig, batch: int):
+    """(net, rule, program, params, state) of the step `cfg` describes."""
+    from edge.app.train import build, optim
+    from export.step import fp32_program, integer_program, require_local
 
-    net, rule, params = _net_rule(rule_name, data, net_name, width)
-    opt = OptimConfig("adamw", lr=1e-3)
-    model, manifest = training_step(net, rule, opt, params, opt.init_state(params), batch)
+    shape = in_shape(cfg.data)
+    net, rule, params = build(cfg, shape)
+    require_local(rule)
+    opt = optim(cfg)
+    if cfg.quant == "fp32":
+        return net, rule, fp32_program(net, rule, opt), params, opt.init_state(params)
+    if cfg.mode != "integer":
+        raise EdgeError("--mode qat steps are fp32 graphs; simulate --quant fp32, or --mode "
+                        "integer for the integer step")
+    from quant.calibrate import make_plan
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    views = [(torch.randn(batch, *shape, generator=gen), torch.randn(batch, *shape,
+                                                                     generator=gen))]
+    plan, stores = make_plan(net, rule, params, views, cfg.quant, opt.lr)
+    return (net, rule, integer_program(net, rule, plan, stores), stores,
+            {"step": torch.zeros((), dtype=torch.int64)})
+
+
+def from_rule(cfg: TrainConfig, batch: int, profile: str = "plain"
+              ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from export.step import step_graph
+
+    net, rule, program, params, state = program_for(cfg, batch)
+    model, manifest = step_graph(net, rule, program, params, state, batch, profile=profile)
     return model, manifest.step.memory_view()
 
 
-def backprop_schedule(data: str, net_name: str | None, width: float, batch: int) -> Schedule:
+def layers_from_rule(cfg: TrainConfig, batch: int, profile: str = "plain"
+                     ) -> list[tuple[onnx.ModelProto, dict[str, Any]]]:
+    """Per-block graphs as `edge export --per-layer` writes them; [] for a rule that needs a
+    whole-network context (its blocks cannot train one graph at a time)."""
+    from export.step import block_graphs
+
+    net, rule, program, params, state = program_for(cfg, batch)
+    if program.block is None:
+        return []
+    models, ios = block_graphs(net, rule, program, params, state, batch, profile=profile)
+    return [(m, io.memory_view()) for m, io in zip(models, ios, strict=True)]
+
+
+def backprop_schedule(cfg: TrainConfig, batch: int) -> Schedule:
     """BP-InfoNCE on the same network: one SGD step, traced through autograd."""
+    from dataclasses import replace
+
+    from edge.app.train import build
     from edge.sim.backprop import joint_schedule
 
-    net, rule, params = _net_rule("bp-infonce", data, net_name, width)
+    shape = in_shape(cfg.data)
+    net, rule, params = build(replace(cfg, rule="bp-infonce", rule_hparams={}, quant="fp32"),
+                              shape)
     names = list(params)
-    x = torch.zeros(batch, *IN_SHAPES[data])
+    x = torch.zeros(batch, *shape)
 
     def step(*args: torch.Tensor):
         p = dict(zip(names, args[: len(names)], strict=True))
@@ -94,15 +113,8 @@ def backprop_schedule(data: str, net_name: str | None, width: float, batch: int)
         return tuple(w - 1e-3 * g for w, g in zip(p.values(), grads, strict=True))
 
     n = len(names)
-    return joint_schedule(
-        step,
-        *params.values(),
-        x,
-        x.clone(),
-        params=range(n),
-        bindings={i: i for i in range(n)},
-        name=f"bp-infonce-{net.name}",
-    )
+    return joint_schedule(step, *params.values(), x, x.clone(), params=range(n),
+                          bindings={i: i for i in range(n)}, name=f"bp-infonce-{net.name}")
 
 
 def manifest_file(path: Path) -> dict[str, Any]:

@@ -110,19 +110,23 @@ def simulate_cmd(
     bundle: Annotated[
         Path | None, typer.Option("--bundle", help="A bundle `edge export` wrote.")
     ] = None,
-    rule: Annotated[
-        str | None,
-        typer.Option(
-            "--rule",
-            help="Export this rule's step and simulate it, "
-            "beside backprop (BP-InfoNCE) on the same network.",
-        ),
-    ] = None,
+    rule: Annotated[str | None, typer.Option(
+        "--rule", help="Export this rule's step (as `edge export` would) and simulate it, "
+        "beside backprop (BP-InfoNCE) on the same network.")] = None,
     data: Annotated[str, typer.Option("--data", help="Input shape for --rule.")] = "cifar10",
-    net: Annotated[str | None, typer.Option("--net", help="Network preset for --rule.")] = None,
+    net: Annotated[str | None, typer.Option("--net", help="Preset or .toml spec for --rule.")]
+    = None,
     width: Annotated[float, typer.Option("--width", help="Width multiplier for --rule.")] = 1.0,
+    quant: Annotated[str, typer.Option(help="--rule: fp32 | int8 | int8-w16.")] = "fp32",
+    mode: Annotated[str, typer.Option(help="--rule with --quant int8*: integer.")] = "integer",
+    optimizer: Annotated[str, typer.Option(help="--rule: adamw | sgd.")] = "adamw",
+    hp: Annotated[list[str], typer.Option(help="--rule: hyper-parameter key=value.")] = [],  # noqa: B006
+    per_layer: Annotated[bool, typer.Option(
+        "--per-layer", help="--rule: also the per-block graphs run one after another.")] = False,
+    profile: Annotated[str, typer.Option(help="--rule: operator profile plain | npu.")]
+    = "plain",
     batch: Annotated[
-        int | None, typer.Option("--batch", help="Batch size for a dynamic batch dim.")
+        int | None, typer.Option("--batch", help="Batch size (for --rule; or a dynamic batch).")
     ] = None,
     dim: Annotated[list[str], typer.Option("--dim", help="Dynamic dim name=N (repeatable).")] = [],  # noqa: B006
     manifest: Annotated[
@@ -150,48 +154,65 @@ def simulate_cmd(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG timeline.")] = None,
 ) -> None:
     """Simulate a graph on a device: fits?, peak, arena plan, and where every tensor lives."""
-    from edge.app.commands import sim_sources
+    from edge.app.commands import parse_hparams, sim_sources
+    from edge.app.config import TrainConfig
 
-    bp_report = None
-    try:
-        if sum(x is not None for x in (model, bundle, rule)) != 1:
-            raise EdgeError("give exactly one of --model FILE.onnx, --bundle DIR, --rule NAME")
-        tgt = load_target(target)
-        man = read_manifest(manifest) if manifest else None
-        if bundle is not None:
-            model, man = sim_sources.from_bundle(bundle)
-        elif rule is not None:
-            if batch is not None and batch < 2:
-                raise EdgeError(
-                    "--batch must be at least 2 for a rule (negatives come from the batch)"
-                )
-            batch = batch or 32
-            model, man = sim_sources.from_rule(rule, data, net, width, batch)
-        options = sim_options(
-            manifest=man, batch=batch, dims=parse_dims(dim), persistent=persistent, inplace=inplace
-        )
-        report = simulate(model, tgt, options)
-        layers = (sim_sources.layers_from_bundle(bundle) if bundle is not None
-                  else sim_sources.layers_from_rule(rule, data, net, width, batch)
-                  if rule is not None else [])
-        layer_report = (per_layer_report(layers, tgt, batch=batch, persistent=persistent,
-                                         inplace=inplace) if layers else None)
-        if rule is not None:
-            bp = sim_sources.backprop_schedule(data, net, width, batch)
-            bp_report = simulate(bp, tgt, SimOptions(persistent=persistent, inplace=inplace))
-        best = max_batch_that_fits(model, tgt, options) if max_batch else None
-        if plot is not None:
-            plot_timeline(report, plot)
-    except EdgeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    if sum(x is not None for x in (model, bundle, rule)) != 1:
+        raise EdgeError("give exactly one of --model FILE.onnx, --bundle DIR, --rule NAME")
+    cfg = None
+    if rule is not None:
+        cfg = TrainConfig(rule=rule, data=data, net=net, width=width, quant=quant, mode=mode,
+                          optimizer=optimizer, rule_hparams=parse_hparams(hp))
+        if batch is not None and batch < 2:
+            raise EdgeError("--batch must be at least 2 for a rule (negatives come from the "
+                            "batch)")
+        batch = batch or 32
+    elif quant != "fp32" or per_layer or hp:
+        raise EdgeError("--quant, --mode, --hp and --per-layer describe a --rule's step; a "
+                        "bundle or model says its own")
+    tgt = load_target(target)
+    man = read_manifest(manifest) if manifest else None
+    if bundle is not None:
+        model, man = sim_sources.from_bundle(bundle)
+    elif cfg is not None:
+        model, man = sim_sources.from_rule(cfg, batch, profile)
+    options = sim_options(
+        manifest=man, batch=batch, dims=parse_dims(dim), persistent=persistent, inplace=inplace
+    )
+    report = simulate(model, tgt, options)
+    layers = []
+    if bundle is not None:
+        layers = sim_sources.layers_from_bundle(bundle)
+    elif cfg is not None and per_layer:
+        layers = sim_sources.layers_from_rule(cfg, batch, profile)
+    layer_report = (per_layer_report(layers, tgt, batch=batch, persistent=persistent,
+                                     inplace=inplace) if layers else None)
+    float_report = bp_report = None
+    if cfg is not None:
+        sim = SimOptions(persistent=persistent, inplace=inplace)
+        bp_report = simulate(sim_sources.backprop_schedule(cfg, batch), tgt, sim)
+        if cfg.quant != "fp32":
+            from dataclasses import replace
+
+            fm, fman = sim_sources.from_rule(replace(cfg, quant="fp32"), batch, profile)
+            float_report = simulate(fm, tgt, sim_options(manifest=fman, batch=batch,
+                                                         persistent=persistent, inplace=inplace))
+    best = None
+    if max_batch:
+        best = (rule_max_batch(cfg, tgt, persistent, inplace, profile) if cfg is not None
+                else bundle_max_batch(model, tgt, options, bundle is not None))
+    if plot is not None:
+        plot_timeline(report, plot)
     if as_json:
         obj = report.to_dict()
-        if bp_report is not None:
-            obj["rule"] = rule
+        if cfg is not None:
+            obj["rule"], obj["quant"], obj["batch"] = rule, quant, batch
             obj["backprop_peak_bytes"] = bp_report.peak_bytes
             obj["backprop_fits"] = bp_report.fits
             obj["local_vs_backprop_peak"] = report.peak_bytes / bp_report.peak_bytes
+        if float_report is not None:
+            obj["fp32_step"] = {"peak_bytes": float_report.peak_bytes, "fits": float_report.fits}
+            obj["integer_vs_fp32_peak"] = report.peak_bytes / float_report.peak_bytes
         if layer_report is not None:
             obj["per_layer"] = {
                 "graphs": len(layers), "fits": layer_report.fits,
@@ -220,6 +241,10 @@ def simulate_cmd(
             f"{layer_report.peak_bytes:,} B, fits: {'yes' if layer_report.fits else 'no'}; "
             f"per-layer / whole step peak {layer_report.peak_bytes / report.peak_bytes:.2f}"
         )
+    if float_report is not None:
+        console.print(f"fp32 step of the same rule: peak {float_report.peak_bytes:,} B, fits: "
+                      f"{'yes' if float_report.fits else 'no'}; integer / fp32 peak "
+                      f"{report.peak_bytes / float_report.peak_bytes:.2f}")
     if bp_report is not None:
         console.print(
             f"backprop (bp-infonce, same network): peak {bp_report.peak_bytes:,} B, "
@@ -227,7 +252,48 @@ def simulate_cmd(
             f"{report.peak_bytes / bp_report.peak_bytes:.2f}"
         )
     if max_batch:
-        shown = best if best is not None else "none (batch 1 does not fit)"
+        shown = best if best is not None else "none (the smallest batch does not fit)"
         console.print(f"largest batch that fits: {shown}")
     if plot is not None:
         console.print(f"timeline written to {plot}")
+
+
+MAX_BATCH = 4096
+
+
+def rule_max_batch(cfg: Any, tgt: Target, persistent: str, inplace: bool, profile: str,
+                   lowest: int = 2) -> int | None:
+    """The largest batch whose exported step fits `tgt` (re-exported per batch: doubling,
+    then bisection; the step's peak grows with the batch)."""
+    from edge.app.commands import sim_sources
+
+    def fits(b: int) -> bool:
+        m, man = sim_sources.from_rule(cfg, b, profile)
+        return simulate(m, tgt, sim_options(manifest=man, batch=b, persistent=persistent,
+                                            inplace=inplace)).fits
+
+    if not fits(lowest):
+        return None
+    lo, hi = lowest, lowest * 2
+    while hi <= MAX_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, MAX_BATCH + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def bundle_max_batch(model: Any, tgt: Target, options: SimOptions, is_bundle: bool) -> int | None:
+    """The largest batch of a graph with a dynamic batch dimension; a fixed-batch graph says
+    so in one line."""
+    from edge.sim.onnx_graph import load_model
+
+    m = load_model(model)
+    dynamic = any(not d.HasField("dim_value") for i in m.graph.input
+                  for d in i.type.tensor_type.shape.dim[:1])
+    if not dynamic:
+        what = "this bundle's step" if is_bundle else "this graph"
+        raise EdgeError(f"--max-batch: {what} has a fixed batch size (exported at one batch); "
+                        "use --rule to re-export per batch, or export with a dynamic batch")
+    return max_batch_that_fits(model, tgt, options)
