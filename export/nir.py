@@ -396,9 +396,9 @@ def _pair(v: Any) -> tuple[int, int]:
 class _Reference:
     """Steps a chain graph's nodes in torch: the node types `to_nir` emits."""
 
-    def __init__(self, graph: Any, reset: str) -> None:
+    def __init__(self, graph: Any, reset: str, v_init: float = 0.0) -> None:
         nir = _nir()
-        self.reset = reset
+        self.reset, self.v_init = reset, v_init
         self.ops: list[tuple[str, str, tuple]] = []
         for name in _chain_order(graph):
             n = graph.nodes[name]
@@ -445,7 +445,8 @@ class _Reference:
                 u = u.flatten(*a)
             else:
                 r, th, vr = a
-                v = self.v.get(name, torch.zeros_like(u)) + r * u
+                v = self.v[name] if name in self.v else self.v_init * th.expand_as(u)
+                v = v + r * u
                 z = v > th
                 v = torch.where(z, vr if self.reset == "zero" else v - th, v)
                 self.v[name] = v
@@ -456,10 +457,13 @@ class _Reference:
 class _Norse:
     """`norse.torch.from_nir`, its Flatten shifted for the batch axis, spikes hooked."""
 
-    def __init__(self, graph: Any, reset: str) -> None:
+    def __init__(self, graph: Any, reset: str, v_init: float = 0.0) -> None:
         if reset != "zero":
             raise EdgeError("Norse's IF (IAFCell) resets to v_reset; reset='subtract' runs on "
                             "the reference backend only")
+        if v_init:
+            raise EdgeError("Norse's from_nir starts every IF at v = 0; v_init runs on the "
+                            "reference backend only")
         try:
             import norse.torch as nt
             from norse.torch.module.iaf import IAFCell
@@ -502,8 +506,8 @@ class _Norse:
 
 
 def simulate(graph: Any, x: Tensor, steps: int | Sequence[int], *, backend: str = "reference",
-             reset: str = "zero", encoding: str = "current", record: bool = False,
-             batch: int = 256, seed: int = 0) -> SpikeRun:
+             reset: str = "zero", encoding: str = "current", v_init: float = 0.0,
+             record: bool = False, batch: int = 256, seed: int = 0) -> SpikeRun:
     """Rate-coded run of `graph` on inputs x over max(steps) steps; the output's mean is
     read at every T in `steps` (the runs are causal: the first T steps of a longer run are
     the run of T steps)."""
@@ -519,7 +523,9 @@ def simulate(graph: Any, x: Tensor, steps: int | Sequence[int], *, backend: str 
     gen = torch.Generator().manual_seed(seed)
     outs: dict[int, list[Tensor]] = {t: [] for t in ts}
     rates: dict[str, list[Tensor]] = {}
-    sim = _Reference(graph, reset) if backend == "reference" else _Norse(graph, reset)
+    if not 0 <= v_init < 1:
+        raise EdgeError(f"v_init is a fraction of the threshold in [0, 1), got {v_init}")
+    sim = (_Reference if backend == "reference" else _Norse)(graph, reset, v_init)
     with torch.no_grad():
         for s in range(0, x.shape[0], batch):
             xb = x[s : s + batch]

@@ -96,8 +96,10 @@ class Sizer:
     def __call__(self, name: str, tp: TypeProto | None, writer: str) -> Sized | None:
         kind = tp.WhichOneof("value") if tp is not None else None
         if kind not in (None, "tensor_type"):
-            raise EdgeError(f"{name!r} ({writer}) is an ONNX {kind.removesuffix('_type')} value; "
-                            "the simulator sizes plain tensors only")
+            raise EdgeError(
+                f"{name!r} ({writer}) is an ONNX {kind.removesuffix('_type')} value; "
+                "the simulator sizes plain tensors only"
+            )
         if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
             return None
         dtype, bits = elem_bits(tp.tensor_type.elem_type, name)
@@ -109,12 +111,16 @@ class Sizer:
                 shape.append(self.resolved[d.dim_param])
             else:
                 key = d.dim_param or f"<unnamed axis {axis}>"
-                fix = (f"pass dims={{{d.dim_param!r}: N}}" if d.dim_param
-                       else "pass the batch size or export with static shapes")
+                fix = (
+                    f"pass dims={{{d.dim_param!r}: N}}"
+                    if d.dim_param
+                    else "pass the batch size or export with static shapes"
+                )
                 if writer == "graph input" and BATCH_FIRST_RE.match(d.dim_param):
                     fix += " or the batch size (--batch N)"
-                raise EdgeError(f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; "
-                                f"{fix}")
+                raise EdgeError(
+                    f"cannot size tensor {name!r} ({writer}): dim {key} is unresolved; {fix}"
+                )
         return Sized(name, nbytes_of(shape, bits), tuple(shape), dtype)
 
 
@@ -155,7 +161,9 @@ def body_cost(g: GraphProto, size: Sizer) -> tuple[int, set[str]]:
             local.add(name)
             info = size(name, types.get(name), f"inside the body of {node.op_type} {node.name!r}")
             if info is None:
-                raise EdgeError(f"cannot size tensor {name!r} inside a {node.op_type} body; the "
-                                "simulator needs static shapes for If/Loop/Scan bodies")
+                raise EdgeError(
+                    f"cannot size tensor {name!r} inside a {node.op_type} body; the "
+                    "simulator needs static shapes for If/Loop/Scan bodies"
+                )
             written += info.nbytes
     return written, outer

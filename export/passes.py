@@ -63,13 +63,16 @@ class FoldPass(ir.passes.InPlacePass):
         import onnxscript.optimizer
 
         folded = onnxscript.optimizer.fold_constants(
-            model, onnx_shape_inference=True, should_fold=_small_constant_of_shape)
-        result = ir.passes.PassManager([
-            common.RemoveUnusedNodesPass(),
-            common.CommonSubexpressionEliminationPass(),
-            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            common.RemoveUnusedNodesPass(),
-        ])(model)
+            model, onnx_shape_inference=True, should_fold=_small_constant_of_shape
+        )
+        result = ir.passes.PassManager(
+            [
+                common.RemoveUnusedNodesPass(),
+                common.CommonSubexpressionEliminationPass(),
+                common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                common.RemoveUnusedNodesPass(),
+            ]
+        )(model)
         return ir.passes.PassResult(model, modified=bool(folded.modified or result.modified))
 
 
@@ -106,14 +109,21 @@ class SplatsToConstantOfShapePass(ir.passes.InPlacePass):
         name = value.name
         assert name is not None
         del graph.initializers[name]
-        shape = ir.Value(name=f"{name}__shape", shape=ir.Shape([arr.ndim]),
-                         type=ir.TensorType(ir.DataType.INT64),
-                         const_value=ir.tensor(np.array(arr.shape, np.int64)))
+        shape = ir.Value(
+            name=f"{name}__shape",
+            shape=ir.Shape([arr.ndim]),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(np.array(arr.shape, np.int64)),
+        )
         graph.register_initializer(shape)
         out = ir.Value(name=name, shape=value.shape, type=value.type)
-        node = ir.node("ConstantOfShape", [shape],
-                       {"value": ir.tensor(arr.reshape(-1)[:1].copy())},
-                       outputs=[out], name=f"{name}__splat")
+        node = ir.node(
+            "ConstantOfShape",
+            [shape],
+            {"value": ir.tensor(arr.reshape(-1)[:1].copy())},
+            outputs=[out],
+            name=f"{name}__splat",
+        )
         value.replace_all_uses_with(out, replace_graph_outputs=True)
         return node
 
@@ -122,6 +132,7 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return run_passes(model, FoldPass())
 
 
-def splats_to_constant_of_shape(model: onnx.ModelProto,
-                                min_size: int = SMALL_CONSTANT) -> onnx.ModelProto:
+def splats_to_constant_of_shape(
+    model: onnx.ModelProto, min_size: int = SMALL_CONSTANT
+) -> onnx.ModelProto:
     return run_passes(model, SplatsToConstantOfShapePass(min_size))

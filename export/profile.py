@@ -22,8 +22,9 @@ profile rewrites booleans into arithmetic and leaves everything else alone. Its 
               stops on a non-finite loss)
   operators   no Greater / Less / GreaterOrEqual / LessOrEqual / Equal / Not / And / Or / Xor
               / Where / Sign / ScatterElements / ScatterND / Range / NonZero, no Cast from
-              bool, no MaxPool Indices output, every tensor's shape static (`npu_violations`
-              checks all of it, If / Loop / Scan bodies included)
+              bool, no MaxPool Indices output, every main-graph tensor's shape static
+              (`npu_violations` checks all of it; operators in If / Loop / Scan bodies too,
+              which the passes below do not rewrite)
 
 The passes, in order:
   1. fold     `export.passes.FoldPass`: constants folded (small ConstantOfShape chains too, e.g.
@@ -48,11 +49,14 @@ The passes, in order:
               Cast(bool -> T) -> the 0/1 tensor (cast to T if it is not of type T);
               Cast(x -> bool) -> [x != 0] (1 - the == 0 form)
               Where(s, x, y)  -> s x + (1 - s) y in x's type (float or integer: one of the two
-                       products is 0, so nothing overflows); s x for a scalar y = 0
+                       products is 0, so nothing overflows); s x for a scalar y = 0,
+                       (1 - s) y for a scalar x = 0
               Sign(x) -> step(x) - step(-x) for floats, Clip(x, -1, 1) for integers
               Identity / Reshape / (Un)Squeeze / Expand / Transpose / Slice / Flatten / Tile /
               Gather / Concat of booleans -> the same op on the 0/1 tensors
-  3. cleanup  the booleans nobody reads any more removed, shapes inferred again
+  3. cleanup  common subexpressions merged (the rewrites of two booleans may share a
+              widening or a 1 - s), the booleans nobody reads any more removed, shapes
+              inferred again
 A pattern the profile does not know is left as it is, and `npu_violations` names it.
 """
 
@@ -72,21 +76,32 @@ from export.passes import FoldPass, run_passes
 
 PROFILES = ("plain", "npu")
 DEFAULT_PROFILE = "plain"
-BOOLEAN_OPS = ("Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And",
-               "Or", "Xor")
-BANNED_OPS = frozenset((*BOOLEAN_OPS, "Where", "Sign", "ScatterElements", "ScatterND",
-                        "Range", "NonZero"))
+BOOLEAN_OPS = tuple("Greater Less GreaterOrEqual LessOrEqual Equal Not And Or Xor".split())
+BANNED_OPS = frozenset(
+    (*BOOLEAN_OPS, "Where", "Sign", "ScatterElements", "ScatterND", "Range", "NonZero")
+)
 
 D = ir.DataType
 FLOATS = frozenset((D.FLOAT, D.FLOAT16, D.DOUBLE, D.BFLOAT16))
 INTS = frozenset((D.INT8, D.INT16, D.INT32, D.INT64, D.UINT8, D.UINT16, D.UINT32, D.UINT64))
-WIDER = {D.INT8: D.INT32, D.UINT8: D.INT32, D.INT16: D.INT32, D.UINT16: D.INT32,
-         D.INT32: D.INT64, D.UINT32: D.INT64}  # exact a - b for any two values
+WIDER = {
+    D.INT8: D.INT32,
+    D.UINT8: D.INT32,
+    D.INT16: D.INT32,
+    D.UINT16: D.INT32,
+    D.INT32: D.INT64,
+    D.UINT32: D.INT64,
+}  # exact a - b for any two values
 NO_CLIP = frozenset((D.INT16, D.UINT16))  # no onnxruntime Clip kernel: compared in int32
-MOVES = frozenset(("Identity", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose",
-                   "Slice", "Flatten", "Tile", "Gather"))  # data input 0, moved not computed
-FLIP = {"Greater": "Less", "Less": "Greater", "GreaterOrEqual": "LessOrEqual",
-        "LessOrEqual": "GreaterOrEqual", "Equal": "Equal"}
+_MOVED = "Identity Reshape Unsqueeze Squeeze Expand Transpose Slice Flatten Tile Gather"
+MOVES = frozenset(_MOVED.split())  # data input 0, moved not computed: the same op on 0/1
+FLIP = {
+    "Greater": "Less",
+    "Less": "Greater",
+    "GreaterOrEqual": "LessOrEqual",
+    "LessOrEqual": "GreaterOrEqual",
+    "Equal": "Equal",
+}
 
 
 def apply_profile(model: onnx.ModelProto, profile: str) -> onnx.ModelProto:
@@ -110,8 +125,15 @@ def npu_profile(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` in the npu profile: same interface, same numbers (module docstring)."""
     from export.trace import check_model
 
-    out = run_passes(model, FoldPass(), _infer(), BooleansToArithmeticPass(),
-                     common.RemoveUnusedNodesPass(), _infer())
+    out = run_passes(
+        model,
+        FoldPass(),
+        _infer(),
+        BooleansToArithmeticPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        _infer(),
+    )
     check_model(out, [i.name for i in model.graph.input], [o.name for o in model.graph.output])
     return out
 
@@ -182,35 +204,48 @@ class _Booleans:
         self.graph = graph
         self.num: dict[ir.Value, ir.Value] = {}
         self.consts: dict[tuple[Any, ...], ir.Value] = {}
-        self.names = {v.name for g in (graph, *graph.subgraphs())
-                      for v in (*g.inputs, *g.initializers.values(),
-                                *(o for n in g for o in n.outputs))}
+        self.names = {
+            v.name
+            for g in (graph, *graph.subgraphs())
+            for v in (*g.inputs, *g.initializers.values(), *(o for n in g for o in n.outputs))
+        }
         self.count = 0
         self.at: ir.Node | None = None
         self.modified = False
 
     # ------------------------------------------------------------------ building blocks
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], dtype: ir.DataType,
-           **attrs: Any) -> ir.Value:
+    def op(
+        self, op_type: str, inputs: Sequence[ir.Value | None], dtype: ir.DataType, **attrs: Any
+    ) -> ir.Value:
         """A new node before the one being rewritten; its output has type `dtype`."""
-        node = ir.node(op_type, list(inputs), attrs or None)
+        out = ir.Value(name=self.fresh("npu"), type=ir.TensorType(dtype))
+        node = ir.node(op_type, list(inputs), attrs or None, outputs=[out])
         assert self.at is not None
         self.graph.insert_before(self.at, node)
-        out = node.outputs[0]
-        out.dtype = dtype
+        self.modified = True
         return out
+
+    def fresh(self, prefix: str) -> str:
+        """A value name used nowhere in the graph (onnx_ir's own names may clash with
+        initializers of an earlier session)."""
+        while f"{prefix}_{self.count}" in self.names:
+            self.count += 1
+        name = f"{prefix}_{self.count}"
+        self.names.add(name)
+        return name
 
     def const(self, value: Any, dtype: ir.DataType) -> ir.Value:
         """A constant initializer (shared by equal constants)."""
         arr = np.asarray(value).astype(dtype.numpy())
         key = (dtype, arr.shape, arr.tobytes())
         if key not in self.consts:
-            while f"npu_const_{self.count}" in self.names:
-                self.count += 1
-            name = f"npu_const_{self.count}"
-            self.names.add(name)
-            v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(dtype),
-                         const_value=ir.tensor(arr, dtype=dtype, name=name))
+            name = self.fresh("npu_const")
+            v = ir.Value(
+                name=name,
+                shape=ir.Shape(arr.shape),
+                type=ir.TensorType(dtype),
+                const_value=ir.tensor(arr, dtype=dtype, name=name),
+            )
             self.graph.register_initializer(v)
             self.consts[key] = v
         return self.consts[key]
@@ -252,9 +287,16 @@ class _Booleans:
 
     # ------------------------------------------------------------------ the rewrite
     def run(self) -> None:
-        handlers = {"Cast": self._cast, "Where": self._where, "Sign": self._sign,
-                    "Not": self._logic, "And": self._logic, "Or": self._logic,
-                    "Xor": self._logic, "Concat": self._concat}
+        handlers = {
+            "Cast": self._cast,
+            "Where": self._where,
+            "Sign": self._sign,
+            "Not": self._logic,
+            "And": self._logic,
+            "Or": self._logic,
+            "Xor": self._logic,
+            "Concat": self._concat,
+        }
         for node in list(self.graph):
             if node.domain not in ("", "ai.onnx"):
                 continue
@@ -349,8 +391,9 @@ class _Booleans:
             return
         s = self.num[x]
         attrs = {a.name: a.value for a in node.attributes.values()}
-        self.num[node.outputs[0]] = self.op(node.op_type, [s, *node.inputs[1:]],
-                                            s.dtype or D.INT64, **attrs)
+        self.num[node.outputs[0]] = self.op(
+            node.op_type, [s, *node.inputs[1:]], s.dtype or D.INT64, **attrs
+        )
 
     def _concat(self, node: ir.Node) -> None:
         first = next((v for v in node.inputs if v in self.num), None)
@@ -449,8 +492,7 @@ class _Booleans:
             return lt(c + 1)
         return self.op("Sub", [gt(c - 1), gt(c)], t)
 
-    def _int_vs_tensor(self, op: str, a: ir.Value, b: ir.Value, t: ir.DataType
-                       ) -> ir.Value | None:
+    def _int_vs_tensor(self, op: str, a: ir.Value, b: ir.Value, t: ir.DataType) -> ir.Value | None:
         """Both sides widened, so a - b is exact; None for 64-bit tensors (no wider type)."""
         w = WIDER.get(t)
         if w is None:

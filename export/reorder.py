@@ -95,8 +95,9 @@ class Schedule:
         self.reads = [node_reads(n) for n in self.nodes]
         self.outputs = set(graph.outputs)
         self.size = {v: size(v) for n in self.nodes for v in n.outputs}  # caller owns the rest
-        self.deps = [sorted({index[p] for v in r if (p := v.producer()) in index})
-                     for r in self.reads]
+        self.deps = [
+            sorted({index[p] for v in r if (p := v.producer()) in index}) for r in self.reads
+        ]
         self.users: list[list[int]] = [[] for _ in self.nodes]
         for i, ds in enumerate(self.deps):
             for d in ds:
@@ -110,7 +111,8 @@ class Schedule:
     def is_topological(self, order: Sequence[int]) -> bool:
         pos = {v: k for k, v in enumerate(order)}
         return len(pos) == len(self.nodes) == len(order) and all(
-            pos[d] < pos[i] for i, ds in enumerate(self.deps) for d in ds)
+            pos[d] < pos[i] for i, ds in enumerate(self.deps) for d in ds
+        )
 
     def peak(self, order: Sequence[int]) -> int:
         """Most bytes of node outputs live at once when the nodes run in `order`."""
@@ -125,15 +127,17 @@ class Schedule:
                     left[v] -= 1
                     if left[v] == 0 and v not in self.outputs:
                         live -= self.size[v]
-            live -= sum(self.size[o] for o in outs
-                        if o not in self.readers and o not in self.outputs)
+            live -= sum(
+                self.size[o] for o in outs if o not in self.readers and o not in self.outputs
+            )
         return best
 
     def _net(self, i: int, left: dict[ir.Value, int]) -> int:
         """Bytes node i adds if it runs now: its outputs minus the inputs it reads last."""
         alloc = sum(self.size[o] for o in self.nodes[i].outputs)
-        freed = sum(self.size[v] for v in self.reads[i]
-                    if left.get(v) == 1 and v not in self.outputs)
+        freed = sum(
+            self.size[v] for v in self.reads[i] if left.get(v) == 1 and v not in self.outputs
+        )
         return alloc - freed
 
     def _consume(self, i: int, left: dict[ir.Value, int]) -> None:
@@ -187,8 +191,11 @@ class Schedule:
         while ready:
             nets = {v: self._net(v, left) for v in ready}
             shrink = [v for v, x in nets.items() if x <= 0]
-            v = (min(shrink, key=lambda u: (nets[u], rank[u])) if shrink
-                 else min(ready, key=lambda u: rank[u]))
+            v = (
+                min(shrink, key=lambda u: (nets[u], rank[u]))
+                if shrink
+                else min(ready, key=lambda u: rank[u])
+            )
             ready.remove(v)
             out.append(v)
             self._consume(v, left)
@@ -204,8 +211,13 @@ class Schedule:
         if len(given) < 3 or not any(self.size.values()) or not self.is_topological(given):
             return given  # nothing to gain, or not ours to repair
         sunk = self.sink(given)
-        candidates = [given, sunk, self.greedy(given), self.greedy(sunk),
-                      self.sink(self.greedy(sunk))]
+        candidates = [
+            given,
+            sunk,
+            self.greedy(given),
+            self.greedy(sunk),
+            self.sink(self.greedy(sunk)),
+        ]
         scored = [(self.peak(c), k) for k, c in enumerate(candidates) if self.is_topological(c)]
         return candidates[min(scored)[1]]
 

@@ -372,9 +372,9 @@ def adjoint(prim: Any, env: Env, key: str, p: dict[str, Q], saved: Any, g: Q,
         e8 = Q(narrow(g.t, "int8").t, g.f, "int8", g.c)
         if op == "conv":
             gw = conv2d_weight(x.t, e8.t, prim.k, prim.stride, prim.padding, prim.groups)
-            gb = g.t.sum((0, 2, 3))
+            gb = e8.t.sum((0, 2, 3))
         else:
-            gw, gb = matmul(Q(e8.t.T, 0, "int8"), x), g.t.sum(0)
+            gw, gb = matmul(Q(e8.t.T, 0, "int8"), x), e8.t.sum(0)
         _eight_bit(x)
         grads = {"w": Q(sat32(gw), x.f + g.f, "int32", g.c),
                  "b": Q(sat32(gb), g.f, "int32", g.c)}
@@ -426,6 +426,10 @@ def chains(block: Any, i: int) -> tuple[Chain, Chain | None, Chain]:
                 out.append((f"{key}.q", Identity()))
         return out
 
+    for p in (*block.body, *(block.shortcut or ()), *block.post):
+        if p.op == "bn":
+            raise EdgeError(f"block {i}: BatchNorm has no integer form; fold it into the conv "
+                            "before it first (edge.nets.fold_batchnorm)")
     body = lower([(f"enc.{i}.{j}", p) for j, p in enumerate(block.body)])
     if block.shortcut is None:
         return body, None, lower([(f"enc.{i}.p{j}", p) for j, p in enumerate(block.post)])

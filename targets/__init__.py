@@ -34,7 +34,7 @@ File schema (every figure carries the document it was read from)::
     cores = 128                    # required: cores of the device
     neurons_per_core = 8192        # optional: int, or one int per core
     synapse_memory = "128 KiB"     # weight memory per core: a size, or one size per core
-    core_memory = "128 KiB"        # one memory per core shared by neuron state and weights
+    core_memory = "128 KiB"        # or/and: one memory per core for neuron state and weights
     weight_bits = 8                # optional: bits of one stored weight
     neuron_state_bits = 16         # optional: bits of state per neuron
     shared_kernels = true          # optional, default false: a conv kernel is stored once
@@ -52,10 +52,10 @@ Size units (case-sensitive, in the tables above and in every size string):
 
 Microcontroller datasheets write "KB" for 1024 bytes (ST's "320 Kbytes" of SRAM are 327,680
 bytes), so catalog files write what the vendor means, in KiB/MiB, and say so in the source.
-Anything else is refused with a one-line error naming file and field: a unit that only differs
-in case or ends in a lower-case ``b`` (``kb``, ``Mb``, ``KIB``: bits or bytes?) or a bare prefix
-(``K``, ``M``, ``Ki``) is *ambiguous*; any other word is *unknown*. Bandwidths: a size unit
-followed by "/s".
+Anything else is refused with a one-line error naming file and field: a unit that differs from
+one of these only in case (``KIB``, ``mib``), ends in a lower-case ``b`` (``kb``, ``Mb``: bits or
+bytes?) or is a bare prefix (``K``, ``M``, ``Ki``) is *ambiguous*; any other word is *unknown*.
+Bandwidths: a size unit followed by "/s".
 
 Reserved memory (`MemoryTier.reserved_bytes`): what the runtime itself takes from a tier before
 any tensor - the stack(s), the C heap, the RTOS and its buffers, the bootloader's region - with

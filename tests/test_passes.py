@@ -40,8 +40,12 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 def _output_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     g = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
-    return {o.name: [d.dim_value if d.HasField("dim_value") else None
-                     for d in o.type.tensor_type.shape.dim] for o in g.output}
+    return {
+        o.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim
+        ]
+        for o in g.output
+    }
 
 
 def _max_pool_step(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,17 +60,32 @@ def _conv_step(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     y, saved = conv.forward(TRACED, p, t["x"])
     grads, gx = conv.adjoint(TRACED, p, saved, t["g"], True)
     _, ga = AvgPool(2).adjoint(TRACED, {}, (3, 6, 6), y[:, :3, :3, :3], True)
-    return {"y": y, "gw": grads["w"], "gb": grads["b"], "gx": gx, "ga": ga,
-            "zeros": torch.zeros(8, 16) + t["b"].sum()}
+    return {
+        "y": y,
+        "gw": grads["w"],
+        "gb": grads["b"],
+        "gx": gx,
+        "ga": ga,
+        "zeros": torch.zeros(8, 16) + t["b"].sum(),
+    }
 
 
 def _cases():
     gen = torch.Generator().manual_seed(0)
-    pool = {"x": torch.randn(2, 3, 7, 6, generator=gen), "g": torch.randn(2, 3, 4, 3, generator=gen)}
-    conv = {"x": torch.randn(2, 3, 7, 7, generator=gen), "w": torch.randn(4, 3, 3, 3, generator=gen),
-            "b": torch.randn(4, generator=gen), "g": torch.randn(2, 4, 4, 4, generator=gen)}
-    return [(_max_pool_step, pool, ["y", "gx"]),
-            (_conv_step, conv, ["y", "gw", "gb", "gx", "ga", "zeros"])]
+    pool = {
+        "x": torch.randn(2, 3, 7, 6, generator=gen),
+        "g": torch.randn(2, 3, 4, 3, generator=gen),
+    }
+    conv = {
+        "x": torch.randn(2, 3, 7, 7, generator=gen),
+        "w": torch.randn(4, 3, 3, 3, generator=gen),
+        "b": torch.randn(4, generator=gen),
+        "g": torch.randn(2, 4, 4, 4, generator=gen),
+    }
+    return [
+        (_max_pool_step, pool, ["y", "gx"]),
+        (_conv_step, conv, ["y", "gw", "gb", "gx", "ga", "zeros"]),
+    ]
 
 
 @pytest.fixture(scope="module", params=range(2), ids=["maxpool", "conv"])
@@ -124,11 +143,14 @@ def test_splat_becomes_constant_of_shape() -> None:
     _same_outputs(m, r, {"x": np.arange(128, dtype=np.float32).reshape(4, 32)})
 
 
-@pytest.mark.parametrize("value,as_input", [
-    (np.full((3, 20), 0.5, np.float32), False),  # 60 elements: below SMALL_CONSTANT
-    (np.arange(64, dtype=np.float32).reshape(8, 8), False),  # not all equal
-    (np.zeros((8, 8), np.float32), True),  # an initializer that is also a graph input
-])
+@pytest.mark.parametrize(
+    "value,as_input",
+    [
+        (np.full((3, 20), 0.5, np.float32), False),  # 60 elements: below SMALL_CONSTANT
+        (np.arange(64, dtype=np.float32).reshape(8, 8), False),  # not all equal
+        (np.zeros((8, 8), np.float32), True),  # an initializer that is also a graph input
+    ],
+)
 def test_other_initializers_stay(value, as_input) -> None:
     m = _splat_model(value, as_input)
     r = passes.splats_to_constant_of_shape(m)
@@ -140,8 +162,12 @@ def test_splat_read_by_the_exported_adjoint() -> None:
     """A folded torch.zeros buffer in a trace: one ConstantOfShape, the same bits."""
     fn, inputs, outputs = _cases()[1]
     folded = passes.fold(export_function(fn, inputs, outputs, optimize=False))
-    big = [i.name for i in folded.graph.initializer if np.prod(i.dims) >= passes.SMALL_CONSTANT
-           and np.unique(numpy_helper.to_array(i)).size == 1]
+    big = [
+        i.name
+        for i in folded.graph.initializer
+        if np.prod(i.dims) >= passes.SMALL_CONSTANT
+        and np.unique(numpy_helper.to_array(i)).size == 1
+    ]
     assert big  # the zeros buffer (and maybe more) is there to be rewritten
     r = passes.splats_to_constant_of_shape(folded)
     assert _ops(r).count("ConstantOfShape") == len(big) + _ops(folded).count("ConstantOfShape")

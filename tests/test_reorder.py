@@ -68,12 +68,14 @@ def _same_but_order(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 def early_splat() -> onnx.ModelProto:
     """A 4 KiB zeros buffer made first but read last; 4 KiB tensors a, b in between."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [1], [1024])
-    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["zeros"], name="splat"),
-             helper.make_node("Relu", ["x"], ["a"], name="r1"),
-             helper.make_node("Neg", ["a"], ["b"], name="r2"),
-             helper.make_node("ReduceSum", ["b"], ["s"], name="sum", keepdims=0),
-             helper.make_node("ReduceSum", ["zeros"], ["z"], name="zsum", keepdims=0),
-             helper.make_node("Add", ["z", "s"], ["y"], name="add")]
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"], name="splat"),
+        helper.make_node("Relu", ["x"], ["a"], name="r1"),
+        helper.make_node("Neg", ["a"], ["b"], name="r2"),
+        helper.make_node("ReduceSum", ["b"], ["s"], name="sum", keepdims=0),
+        helper.make_node("ReduceSum", ["zeros"], ["z"], name="zsum", keepdims=0),
+        helper.make_node("Add", ["z", "s"], ["y"], name="add"),
+    ]
     return _model(nodes, [_vi("x", 1024)], [helper.make_tensor_value_info("y", F, [])], [shape])
 
 
@@ -88,8 +90,10 @@ def test_a_source_sinks_to_its_reader_and_the_peak_drops_by_hand() -> None:
     assert _same_but_order(m, r) and _is_topological(r)
     assert m.graph.node[0].name == "splat"  # the input is not modified
     feeds = {"x": np.random.default_rng(0).standard_normal(1024).astype(np.float32)}
-    assert _run(m, feeds, "PRIORITY_BASED")[0].tobytes() == _run(r, feeds, "PRIORITY_BASED")[
-        0].tobytes()
+    assert (
+        _run(m, feeds, "PRIORITY_BASED")[0].tobytes()
+        == _run(r, feeds, "PRIORITY_BASED")[0].tobytes()
+    )
 
 
 def test_the_pass_reorders_in_place_and_reports_it() -> None:
@@ -105,31 +109,37 @@ def test_the_pass_reorders_in_place_and_reports_it() -> None:
 
 
 def test_an_order_already_best_is_kept() -> None:
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"),
-             helper.make_node("Neg", ["a"], ["y"], name="r2")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="r1"),
+        helper.make_node("Neg", ["a"], ["y"], name="r2"),
+    ]
     m = _model(nodes, [_vi("x", 64)], [_vi("y", 64)])
     r = reorder_for_memory(m)
     assert r == m and r is not m
 
 
 def test_an_unsorted_graph_is_left_alone() -> None:
-    nodes = [helper.make_node("Neg", ["a"], ["b"], name="late"),
-             helper.make_node("Relu", ["x"], ["a"], name="early"),
-             helper.make_node("Neg", ["b"], ["y"], name="last")]
+    nodes = [
+        helper.make_node("Neg", ["a"], ["b"], name="late"),
+        helper.make_node("Relu", ["x"], ["a"], name="early"),
+        helper.make_node("Neg", ["b"], ["y"], name="last"),
+    ]
     m = _model(nodes, [_vi("x", 64)], [_vi("y", 64)])
     assert [n.name for n in reorder_for_memory(m).graph.node] == ["late", "early", "last"]
 
 
 def test_if_bodies_outer_reads_are_dependencies() -> None:
     """The If reads `big` only inside its branches: it must stay after big's producer."""
-    then = helper.make_graph([helper.make_node("Identity", ["big"], ["o1"])], "t", [],
-                             [_vi("o1", 512)])
-    other = helper.make_graph([helper.make_node("Neg", ["big"], ["o2"])], "e", [],
-                              [_vi("o2", 512)])
-    nodes = [helper.make_node("Relu", ["x"], ["big"], name="make"),
-             helper.make_node("ReduceSum", ["x"], ["c0"], name="red", keepdims=0),
-             helper.make_node("Cast", ["c0"], ["c"], name="cast", to=TensorProto.BOOL),
-             helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)]
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["big"], ["o1"])], "t", [], [_vi("o1", 512)]
+    )
+    other = helper.make_graph([helper.make_node("Neg", ["big"], ["o2"])], "e", [], [_vi("o2", 512)])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["big"], name="make"),
+        helper.make_node("ReduceSum", ["x"], ["c0"], name="red", keepdims=0),
+        helper.make_node("Cast", ["c0"], ["c"], name="cast", to=TensorProto.BOOL),
+        helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other),
+    ]
     m = _model(nodes, [_vi("x", 512)], [_vi("y", 512)])
     s = _schedule(m)
     names = [n.name for n in s.nodes]
@@ -151,8 +161,11 @@ def test_sizes_are_the_simulators() -> None:
     for name, tp in types.items():
         assert sizer(name, tp, "test").nbytes == sizes[name]
     int4 = helper.make_tensor_value_info("q", TensorProto.INT4, [3, 5])
-    packed = _model([helper.make_node("Identity", ["q"], ["r"])], [int4],
-                    [helper.make_tensor_value_info("r", TensorProto.INT4, [3, 5])])
+    packed = _model(
+        [helper.make_node("Identity", ["q"], ["r"])],
+        [int4],
+        [helper.make_tensor_value_info("r", TensorProto.INT4, [3, 5])],
+    )
     assert tensor_bytes(packed)["r"] == 8 == Sizer({})("r", int4.type, "test").nbytes
 
 
@@ -194,7 +207,7 @@ def _block_step(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     as the layer library traces them."""
     net = preset("digits", (1, 8, 8), 0.5)
     block = net.blocks[1]
-    params = {k[len("p/"):]: v for k, v in t.items() if k.startswith("p/")}
+    params = {k[len("p/") :]: v for k, v in t.items() if k.startswith("p/")}
     y, saved = block.forward(TRACED, 1, params, t["x"])
     grads = block.adjoint(TRACED, 1, params, saved, y - t["target"])
     out = {f"new/{k}": params[k] - 0.1 * g for k, g in grads.items()}
@@ -209,8 +222,10 @@ def exported() -> list[tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndar
     gen = torch.Generator().manual_seed(0)
     net = preset("digits", (1, 8, 8), 0.5)
     params = net.init_params(gen)
-    inputs = {"x": torch.randn(4, 16, 8, 8, generator=gen),
-              "target": torch.randn(4, 32, 4, 4, generator=gen)}
+    inputs = {
+        "x": torch.randn(4, 16, 8, 8, generator=gen),
+        "target": torch.randn(4, 32, 4, 4, generator=gen),
+    }
     inputs.update({f"p/{k}": v for k, v in params.items() if k.startswith("enc.1.")})
     names = list(_block_step(dict(inputs)))
     original = passes.reorder_for_memory
@@ -221,8 +236,10 @@ def exported() -> list[tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndar
     finally:
         passes.reorder_for_memory = original
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    return [(block, reorder_for_memory(block), feeds),
-            (step, reorder_for_memory(step), _feeds(step))]
+    return [
+        (block, reorder_for_memory(block), feeds),
+        (step, reorder_for_memory(step), _feeds(step)),
+    ]
 
 
 def _whole_step() -> onnx.ModelProto:
@@ -233,8 +250,7 @@ def _whole_step() -> onnx.ModelProto:
     gen = torch.Generator().manual_seed(0)
     params = net.init_params(gen)
     params.update(rule.init(net, gen))
-    return step_graph(net, rule, fp32_program(net, rule, opt), params, opt.init_state(params),
-                      8)[0]
+    return step_graph(net, rule, fp32_program(net, rule, opt), params, opt.init_state(params), 8)[0]
 
 
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -244,8 +260,11 @@ def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         t = vi.type.tensor_type
         dims = [d.dim_value for d in t.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feeds[vi.name] = (np.asarray(rng.standard_normal(dims) * 0.1, dtype)
-                          if dtype.kind == "f" else np.zeros(dims, dtype))
+        feeds[vi.name] = (
+            np.asarray(rng.standard_normal(dims) * 0.1, dtype)
+            if dtype.kind == "f"
+            else np.zeros(dims, dtype)
+        )
     return feeds
 
 
@@ -264,8 +283,9 @@ def test_exported_graphs_same_outputs_bit_for_bit(exported) -> None:
         assert _same_but_order(a, b) and _is_topological(b)
         assert [n.name for n in a.graph.node] != [n.name for n in b.graph.node]  # reordered
         onnx.checker.check_model(b, full_check=True)
-        for x, y in zip(_run(a, feeds, "PRIORITY_BASED"), _run(b, feeds, "PRIORITY_BASED"),
-                        strict=True):
+        for x, y in zip(
+            _run(a, feeds, "PRIORITY_BASED"), _run(b, feeds, "PRIORITY_BASED"), strict=True
+        ):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 
@@ -278,6 +298,7 @@ def test_exported_graphs_peak_lower(exported) -> None:
 
 def test_exported_max_pool_adjoint_is_sized() -> None:
     """Folding makes the routed map's shape static, so the reorder sees its bytes."""
+
     def fn(t):
         y, saved = MaxPool(2).forward(TRACED, {}, t["x"])
         return {"gx": MaxPool(2).adjoint(TRACED, {}, saved, t["g"], True)[1]}

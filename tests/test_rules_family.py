@@ -7,12 +7,15 @@ import torch
 
 from edge import rules
 from edge.errors import EdgeError
-from edge.nets import LayerSpec, NetSpec, encode, init_params, layer_forward, layer_params, mlp
-from edge.rules.base import avg_pool
+from edge.layers import EAGER, Conv, MaxPool, ReLU
+from edge.nets import NetSpec, encode
+from edge.nets.block import Block
+from edge.nets.presets import mlp
 from edge.rules.ff import blur_masks, goodness
 
 ALL = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff", "bp-infonce", "bp-clapp++"]
-NET = NetSpec("t", (1, 8, 8), (LayerSpec("conv", 1, 4, pool=True), LayerSpec("conv", 4, 6)))
+NET = NetSpec("t", (1, 8, 8), (Block((Conv(1, 4, 3, 1, 1), ReLU(), MaxPool(2))),
+                               Block((Conv(4, 6, 3, 1, 1), ReLU()))))
 
 
 def views(seed: int = 0, n: int = 8, shape=(1, 8, 8)):
@@ -33,13 +36,15 @@ def test_registry_lists_every_rule_with_a_description() -> None:
 def test_unknown_rule_and_bad_hparams_are_one_line_errors() -> None:
     with pytest.raises(EdgeError, match="valid: clapp, clapp\\+\\+"):
         rules.get("nope")
-    with pytest.raises(EdgeError, match="bad hyper-parameters"):
+    with pytest.raises(EdgeError, match="rule 'clapp' has no hyper-parameter 'pool'; valid: none"):
         rules.get("clapp", pool=2)  # the 2021 rule pools globally: no kernel to choose
+    with pytest.raises(EdgeError, match="no hyper-parameter 'nosuchkey'; valid: pool, predictor"):
+        rules.get("clapp++", nosuchkey=1)
 
 
 @pytest.mark.parametrize("name", ["clapp++dfb", "clapp++both"])
 def test_direct_feedback_needs_two_layers(name: str) -> None:
-    net = NetSpec("one", (1, 8, 8), (LayerSpec("conv", 1, 4),))
+    net = NetSpec("one", (1, 8, 8), (Block((Conv(1, 4, 3, 1, 1), ReLU())),))
     with pytest.raises(EdgeError) as e:
         rules.get(name).check(net)
     msg = str(e.value)
@@ -65,17 +70,16 @@ def test_clapp_predictor_is_channels_by_channels() -> None:
 def test_direct_feedback_context_is_the_pooled_top_of_both_views() -> None:
     rule = rules.get("clapp++dfb", pool=1)
     gen = torch.Generator().manual_seed(0)
-    params = init_params(NET, gen)
+    params = NET.init_params(gen)
     params.update(rule.init(NET, gen))
     x1, x2 = views()
-    c1, c2 = rule.context(NET, params, x1, x2)
-    assert torch.equal(c1, avg_pool(encode(NET, params, x1)[-1], 1))
-    assert torch.equal(c2, avg_pool(encode(NET, params, x2)[-1], 1))
-    # B^l maps the top code (Dc = 6*4*4) to layer l's code (D = 4*4*4 for layer 0).
+    c = rule.context(NET, EAGER, params, rule.inputs(x1, x2))
+    assert torch.equal(c[:8], encode(NET, params, x1)[-1].flatten(1))
+    assert torch.equal(c[8:], encode(NET, params, x2)[-1].flatten(1))
+    # B^l maps the top code (Dc = 6*4*4) to block l's code (D = 4*4*4 for block 0).
     assert params["rule.0.fb.B"].shape == (64, 96) and params["rule.1.fb.B"].shape == (96, 96)
-    # context needs no gradient and leaves none behind, even from parameters that carry one
     leafy = {k: v.requires_grad_(True) for k, v in params.items()}
-    assert not any(c.requires_grad for c in rule.context(NET, leafy, x1, x2))
+    assert not rule.context(NET, EAGER, leafy, rule.inputs(x1, x2)).requires_grad
 
 
 def test_ff_negatives_are_hybrids_of_two_images() -> None:
@@ -108,30 +112,22 @@ def test_ff_hands_on_length_normalised_activity() -> None:
                           y / y.flatten(1).norm(dim=1).view(4, 1, 1, 1), atol=1e-5)
 
 
-def test_ff_context_carries_the_negatives_up_one_layer_at_a_time() -> None:
+def test_ff_runs_the_negatives_as_a_third_stream() -> None:
     rule = rules.get("ff")
-    gen = torch.Generator().manual_seed(0)
-    params = init_params(NET, gen)
     x1, x2 = views()
-    ctx0 = rule.context(NET, params, x1, x2)
-    assert torch.equal(ctx0["neg"].x, rule.negatives(x1, x2))
-    ctx1 = rule.next_context(0, params, ctx0)
-    w, b = layer_params(params, 1)
-    want = layer_forward(NET.layers[1], w, b, rule.next_input(0, ctx0["neg"].y))
-    assert torch.equal(ctx1["neg"].y, want.y)
-    assert rule.next_context(1, params, ctx1) is ctx1  # nothing above the top
+    x = rule.inputs(x1, x2)
+    assert x.shape[0] == 3 * 8 and torch.equal(x[16:], rule.negatives(x1, x2))
 
 
 def test_ff_on_a_linear_net() -> None:
     net = mlp([16, 8], (1, 8, 8))
     rule = rules.get("ff", threshold=0.5)
-    params = init_params(net, torch.Generator().manual_seed(0))
+    params = net.init_params(torch.Generator().manual_seed(0))
     x1, x2 = views()
-    ctx = rule.context(net, params, x1, x2)
-    w, b = layer_params(params, 0)
-    o1, o2 = layer_forward(net.layers[0], w, b, x1), layer_forward(net.layers[0], w, b, x2)
-    grads, loss = rule.layer_grads(0, net.layers[0], o1, o2, params, ctx)
-    assert grads["enc.0.w"].shape == (16, 64) and torch.isfinite(loss)
+    y, saved = net.blocks[0].forward(EAGER, 0, params, rule.inputs(x1, x2))
+    loss, gy, _ = rule.output_grads(0, EAGER, y, params, None)
+    grads = net.blocks[0].adjoint(EAGER, 0, params, saved, gy)
+    assert grads["enc.0.1.w"].shape == (16, 64) and torch.isfinite(loss)
 
 
 def test_ff_bad_hparams() -> None:

@@ -9,7 +9,7 @@ backprop baseline it is every layer's activations, so it grows with depth.
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from edge.nets import init_params, vgg
+from edge.nets.presets import vgg
 from edge.optim import OptimConfig
 from edge.rules import get
 from edge.step import train_step
@@ -25,7 +25,7 @@ def extra_step_memory(rule_name: str, depth: int) -> int:
     rule = get(rule_name)
     rule.check(net)
     gen = torch.Generator().manual_seed(0)
-    params = init_params(net, gen)
+    params = net.init_params(gen)
     params.update(rule.init(net, gen))
     opt = OptimConfig("sgd", lr=0.01)
     state = opt.init_state(params)

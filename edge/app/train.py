@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from edge import checkpoint, rules
 from edge.alignment import alignment
 from edge.app.config import TrainConfig
-from edge.data import default_views, load, two_views
+from edge.data import load, two_views, view_config
 from edge.errors import EdgeError
 from edge.nets import NetSpec, default_preset, encode, fold_batchnorm, resolve
 from edge.optim import OptimConfig
@@ -191,8 +191,7 @@ def train(
     engine = engine or make_engine(cfg)
     engine.bind(net, rule, opt)
     device = torch.device(cfg.device)
-    x_all = getattr(ds, "x_unlabeled", None)
-    x_all = ds.x_train if x_all is None else x_all
+    x_all = ds.x_ssl  # STL-10's unlabeled split where there is one; the probe uses the labels
     n = x_all.shape[0]
     if n < cfg.batch_size:
         raise EdgeError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
@@ -200,7 +199,7 @@ def train(
         raise EdgeError("--batch-size 1 has no in-batch negative for a contrastive step; use "
                         "--batch-size 2 or more")
     steps = n // cfg.batch_size  # drop the last partial batch: static shapes for export
-    views = cfg.views or default_views(cfg.data)
+    views = view_config(cfg.views or "edge", ds)
     start, history = 0, []
     if resume:
         params, state, meta = checkpoint.load(ckpt_path)
@@ -210,7 +209,7 @@ def train(
         start, history = meta["epoch"], meta["history"]
         engine.resume(params, state, meta.get("quant", {}))
     else:
-        engine.start(params0, calibration(cfg, ds, views, x_all))
+        engine.start(params0, calibration(cfg, ds, views))
     console = Console(stderr=True)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -276,10 +275,11 @@ def train(
     return result
 
 
-def calibration(cfg: TrainConfig, ds, views, x_all=None, batches: int = 4) -> list:
+def calibration(cfg: TrainConfig, ds, views=None, x_all=None, batches: int = 4) -> list:
     """A few view pairs for calibrating quantization scales, from their own generator and
     from the same images the run trains on (train and export calibrate alike)."""
-    x_all = ds.x_train if x_all is None else x_all
+    views = view_config(cfg.views or "edge", ds) if views is None else views
+    x_all = ds.x_ssl if x_all is None else x_all
     gen = epoch_generator(cfg.seed, -1)
     n = x_all.shape[0]
     idx = torch.randperm(n, generator=gen)[: batches * cfg.batch_size]

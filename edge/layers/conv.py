@@ -90,6 +90,7 @@ class Conv(Primitive):
     def adjoint(self, ex, p, x, g, need_gx):
         w = p["w"]
         if not ex.traced:
+            g = g.contiguous()  # an expanded (stride-0) g gets a wrong bias gradient from aten
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x, w, [self.cout], list(self.stride), list(self.padding), [1, 1], False,
                 [0, 0], self.groups, [need_gx, True, True])

@@ -124,10 +124,9 @@ def export_cmd(
     if quant == "fp32":
         program, state = fp32_program(spec, learning_rule, opt), opt.init_state(params)
     else:
-        from edge.data import default_views
         from quant.calibrate import make_plan
 
-        calib = calibration(cfg, ds, default_views(data))
+        calib = calibration(cfg, ds)
         plan, params = make_plan(spec, learning_rule, params, calib, quant, opt.lr)
         program = integer_program(spec, learning_rule, plan, params)
         import torch
