@@ -17,7 +17,8 @@ ModelProto function around it.
                             Initializers that are also graph inputs stay.
 
 Every pass keeps the graph's interface (input and output names, types, shapes) and its
-numbers: folding evaluates the same ops on constants, a splat is the same tensor.
+numbers: folding evaluates the same ops on constants (a float op folded on constants is
+rounded by the folder's NumPy kernel), a splat is the same tensor.
 """
 
 from __future__ import annotations
