@@ -1,7 +1,8 @@
 """Spiking accuracy of the NIR export (export.nir) against the ANN it came from (not a test).
 
     python -m benchmarks.spiking --data mnist|cifar10 [--checkpoint PATH] [--subset 10000]
-        [--test 2000] [--steps 8 16 32 64] [--resets zero subtract] [--backend reference]
+        [--test 1000] [--steps 8 16 32 64] [--resets zero subtract] [--v-init 0 0.5]
+        [--backend reference|norse] [--out graph.nir]
 
 The encoder: an edge checkpoint (`--checkpoint`, its network spec read from the checkpoint),
 or, without one, a small average-pool conv net trained here by backprop through a temporary
@@ -13,8 +14,10 @@ weight), the standardisation folded into one linear head (W, b). The ANN referen
 head on the ANN features; the spiking network is `to_nir(..., head=(W, b))` calibrated on
 `--calib` training images, run rate-coded (constant input current) for max(steps) steps, its
 head's mean output read after each T. Two IF resets: "zero" is NIR's IF (Norse, Lava and
-SpiNNaker2 run this), "subtract" is the reset-by-subtraction of Rueckauer et al. (Sinabs).
-Prints one JSON object.
+SpiNNaker2 run this), "subtract" is the reset-by-subtraction of Rueckauer et al. (Sinabs);
+two initial membrane potentials: 0 (what a NIR file implies) and half the threshold (a state
+the reader must set; see export.nir). Prints one JSON object; spiking accuracies are keyed
+reset -> "v_init=V" -> T.
 """
 
 from __future__ import annotations
@@ -126,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=None, help="an edge checkpoint (else train here)")
     ap.add_argument("--data-dir", default="/work/shared/data")
     ap.add_argument("--subset", type=int, default=10000, help="training images")
-    ap.add_argument("--test", type=int, default=2000, help="test images")
+    ap.add_argument("--test", type=int, default=1000, help="test images")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--calib", type=int, default=512, help="calibration images")
     ap.add_argument("--percentile", type=float, default=99.9)
     ap.add_argument("--max-rate", type=float, default=1.0)
     ap.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--resets", nargs="+", choices=RESETS, default=list(RESETS))
+    ap.add_argument("--v-init", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--backend", choices=("reference", "norse"), default="reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -160,11 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         graph = (write_nir(args.out, net, params, calib, **kw) if args.out
                  else to_nir(net, params, calib, **kw))
         t_conv = time.perf_counter()
-        spiking = {}
+        spiking: dict[str, dict[str, dict[str, float]]] = {}
         for reset in args.resets:
-            acc = spiking_accuracies(graph, xte, yte, args.steps, reset=reset,
-                                     backend=args.backend)
-            spiking[reset] = {str(t): round(100 * a, 2) for t, a in acc.items()}
+            for v0 in args.v_init:
+                acc = spiking_accuracies(graph, xte, yte, args.steps, reset=reset,
+                                         v_init=v0, backend=args.backend)
+                spiking.setdefault(reset, {})[f"v_init={v0:g}"] = {
+                    str(t): round(100 * a, 2) for t, a in acc.items()}
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,3 +6,7 @@ class EdgeError(Exception):
 
     The message is one line and says what would work instead.
     """
+
+
+class Interrupted(EdgeError):
+    """Ctrl-C during a long command; the message says what was saved and how to resume."""

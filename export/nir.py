@@ -5,7 +5,7 @@ rate-coded spiking run of such a graph.
            weights=None, scales=None, groups="dense", max_rate=1.0) -> nir.NIRGraph
     write_nir(path, net, params, calib_x, **same) -> nir.NIRGraph      to_nir, then nir.write
     simulate(graph, x, steps, backend="reference"|"norse", reset="zero"|"subtract",
-             encoding="current"|"bernoulli", record=False) -> SpikeRun
+             encoding="current"|"bernoulli", v_init=0.0, record=False) -> SpikeRun
     spiking_predict / spiking_accuracy / spiking_accuracies(graph, x, [y,] T, head=None)
     ann_features(net, params, x), ann_accuracy(net, params, x, y, head)   the ANN reference
 
@@ -68,6 +68,12 @@ output's mean over the first T steps; with reset by subtraction a first-layer ra
 1/T of clip(u / theta, 0, 1) (v stays in [0, theta] after every step, so the count is T u
 minus at most one); reset to 0 drops the overshoot of each spike, so a first-layer rate lies
 in [a / (1 + a) - 1/T, a + 1/T] for a = u / theta in [0, 1].
+Initial membrane: v starts at v_init theta (default 0, what NIR implies: the format has no
+initial state). From 0, every count falls short of T u by v_T in [0, theta): a bias of about
+-theta / 2T in every layer, which the readout's bias amplifies at small T. v_init = 0.5 (Bu
+et al. 2022, "Optimal ANN-SNN conversion for high-accuracy and ultra-low-latency SNNs") makes
+the count T u rounded rather than floored (first layer, subtract: within 0.5/T); a reader
+must set that initial state itself (reference backend only here).
 Backends: "reference" steps the graph's nodes in torch here (the node types above, chains
 only); "norse" runs `norse.torch.from_nir` (Norse's IAFCell; its SumPool2d ignores padding,
 and its Flatten keeps NIR's batchless dims, shifted here by one for the batch axis).

@@ -1,20 +1,25 @@
 """Train an edge bundle with nothing but numpy and onnxruntime (no torch, no edge).
 
-Copied into every bundle as `train_with_onnxruntime.py`. Usage:
+Copied into every bundle as `train_with_onnxruntime.py`: the reference driver of the
+manifest (format edge-bundle/2, `export.manifest`); it reads manifest.json and the files it
+names, nothing else. Usage:
 
     python train_with_onnxruntime.py --batches views.npy --steps 100 [--per-layer]
         [--bundle DIR] [--out trained_state.npz] [--threads 2] [--seed 0]
 
-`views.npy` holds K pairs of views, shape (K, 2, batch, C, H, W), in the dtype the manifest
-gives for x1 / x2, or for an integer bundle (int8 views) float32 normalised images, which are
-quantized here exactly like edge does (x * 2^f_in, rounded half to even, clipped to int8);
-step s trains on pair s mod K. Random bits for stochastic rounding are drawn from
-numpy's default_rng(--seed), in sorted input-name order, so the whole-step graph and the
-per-layer chain draw the same bits. Each step feeds the bound inputs (initially
-from the bundle's state.npz), runs the whole-step graph (or the per-layer graphs in a chain,
-layer i's y1, y2 becoming layer i+1's x1, x2), then moves every output to the input it is
-bound to. Prints one JSON line per step and writes the final bound inputs as an npz.
-Runs on Python 3.8+ (device images are often old).
+`views.npy` holds K pairs of views, shape (K, 2, batch, C, H, W), in the dtype of
+feeds.views, or for an integer bundle float32 normalised images, quantized as
+feeds.views.quantization says (clip(round_half_even(x * 2^f_in), -128, 127), int8). Step s
+trains on pair s mod K. Every step:
+  bits    feeds.random_bits: one numpy default_rng(--seed) for the whole run; each step draws
+          rng.integers(low, high, shape, dtype) for every name of its `inputs`, in that
+          (sorted) order; `export.runner.draw_noise` draws the same, so edge reproduces it
+  graphs  the whole step, or (--per-layer) the block graphs in order: block 0 takes x1, x2,
+          block i > 0 the previous block's y as x; every graph gets the bound values of the
+          step's start (initially state.npz) and the bits it lists
+  bind    then every output moves to the input it is bound to
+Prints one JSON line per step ({step, loss, layer_loss}) and writes the final bound inputs as
+an npz. Runs on Python 3.8+ (device images are often old).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+FORMAT = "edge-bundle/2"
+
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
@@ -36,21 +43,22 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def draw_noise(manifest: dict, graphs: list, rng: np.random.Generator) -> dict:
-    """Random bits for the noise/* inputs (stochastic rounding): uniform in [low, high)."""
-    if not manifest.get("noise"):
+    """One step's random bits: feeds.random_bits' reference generator over the inputs the
+    graphs take, in sorted name order."""
+    bits = manifest["feeds"]["random_bits"]
+    if not bits:
         return {}
-    low, high = manifest["noise"]["low"], manifest["noise"]["high"]
-    specs = {t["name"]: t for g in graphs for t in g["inputs"] if t["name"].startswith("noise/")}
-    return {n: rng.integers(low, high, specs[n]["shape"], dtype=specs[n]["dtype"])
+    specs = {t["name"]: t for g in graphs for t in g["inputs"] if t["name"] in bits["inputs"]}
+    return {n: rng.integers(bits["low"], bits["high"], specs[n]["shape"], dtype=bits["dtype"])
             for n in sorted(specs)}
 
 
 def quantize_views(batches: np.ndarray, manifest: dict) -> np.ndarray:
-    """Float views -> int8 at the integer plan's input scale 2^-f_in (round half to even,
-    clip, then cast), the rule of edge's quantize_input."""
-    f_in = manifest["quant"]["plan"]["layers"][0]["f_x"]
-    q = np.round(batches.astype(np.float64) * 2.0 ** f_in)
-    return np.clip(q, -128, 127).astype(np.int8)
+    """Float views -> int8 by feeds.views.quantization (round half to even, clip, cast)."""
+    q = manifest["feeds"]["views"]["quantization"]
+    lo, hi = q["clip"]
+    x = np.round(batches.astype(np.float64) * 2.0 ** q["scale_exponent"])  # half to even
+    return np.clip(x, lo, hi).astype(q["dtype"])
 
 
 def run_graph(sess: ort.InferenceSession, graph: dict, feeds: dict) -> dict:
@@ -66,16 +74,26 @@ def bind(carried: dict, outputs: dict, graph: dict) -> None:
 
 def one_step(sessions: list, graphs: list, carried: dict, x1, x2, noise) -> tuple[dict, list]:
     new, losses = dict(carried), []
-    if "y1" not in {o["name"] for o in graphs[0]["outputs"]}:  # the whole-step graph
-        out = run_graph(sessions[0], graphs[0], {**carried, **noise, "x1": x1, "x2": x2})
+    if "y" not in {o["name"] for o in graphs[0]["outputs"]}:  # the whole-step graph
+        feeds = dict(carried, **noise)
+        feeds.update(x1=x1, x2=x2)
+        out = run_graph(sessions[0], graphs[0], feeds)
         bind(new, out, graphs[0])
         return new, [float(v) for v in np.ravel(out["layer_loss"])]
-    for sess, graph in zip(sessions, graphs):  # noqa: B905 - per-layer chain (py3.8+ devices)
-        out = run_graph(sess, graph, {**carried, **noise, "x1": x1, "x2": x2})
-        x1, x2 = out["y1"], out["y2"]
+    x = None
+    for i, (sess, graph) in enumerate(zip(sessions, graphs)):  # noqa: B905 - py3.8 devices
+        feeds = dict(carried, **noise)
+        feeds.update({"x1": x1, "x2": x2} if i == 0 else {"x": x})
+        out = run_graph(sess, graph, feeds)
+        x = out["y"]
         losses.append(float(out["loss"]))
         bind(new, out, graph)
     return new, losses
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,20 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     manifest = json.loads((args.bundle / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        return fail(f"manifest format {manifest.get('format')!r} is not {FORMAT!r}")
     graphs = manifest["layers"] if args.per_layer else [manifest["step"]]
     if not graphs:
-        print("error: this bundle has no per-layer graphs (export with --per-layer)",
-              file=sys.stderr)
-        return 2
-    x_spec = next(t for t in manifest["step"]["inputs"] if t["name"] == "x1")
+        return fail("this bundle has no per-layer graphs (export with --per-layer)")
+    views = manifest["feeds"]["views"]
     batches = np.load(args.batches, allow_pickle=False)
-    if x_spec["dtype"] == "int8" and batches.dtype.kind == "f" and manifest.get("quant"):
+    if views["quantization"] and batches.dtype.kind == "f":
         batches = quantize_views(batches, manifest)
-    want = (2, *x_spec["shape"])
-    if batches.shape[1:] != want or str(batches.dtype) != x_spec["dtype"]:
-        print(f"error: {args.batches} is {batches.dtype}{list(batches.shape)}, want "
-              f"{x_spec['dtype']}[K, {', '.join(map(str, want))}]", file=sys.stderr)
-        return 2
+    want = (2, *views["shape"])
+    if batches.shape[1:] != want or str(batches.dtype) != views["dtype"]:
+        return fail(f"{args.batches} is {batches.dtype}{list(batches.shape)}, want "
+                    f"{views['dtype']}[K, {', '.join(map(str, want))}]")
     with np.load(args.bundle / manifest["state_file"], allow_pickle=False) as z:
         carried = {k: z[k] for k in z.files}
     sessions = [session(args.bundle / g["file"], args.threads) for g in graphs]

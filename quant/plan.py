@@ -131,8 +131,8 @@ def quantize_param(x: Tensor, pp: ParamPlan) -> Tensor:
 
 
 def forward_value(store: Tensor, pp: ParamPlan) -> Tensor:
-    """What the forward pass multiplies by (int64): the top bits of the store."""
-    return floor_shift(store.to(torch.int64), pp.shift)
+    """What the forward pass multiplies by (int32): the top bits of the store."""
+    return floor_shift(store.to(torch.int32), pp.shift)
 
 
 def dequantize_param(store: Tensor, pp: ParamPlan, latent: bool = False) -> Tensor:
@@ -145,6 +145,12 @@ def dequantize_param(store: Tensor, pp: ParamPlan, latent: bool = False) -> Tens
 
 def apply_update(pp: ParamPlan, store: Tensor, grad: Tensor, noise: Tensor) -> Tensor:
     """store' = clamp(store + stochastic_shift(-grad, K, noise), lo, hi), cast back to the
-    store dtype after the clamp."""
-    new = widen(store) + stochastic_shift(-widen(grad), pp.lr_shift, noise)
+    store dtype after the clamp. `grad` is the saturated int32 gradient (|grad| <= GRAD_MAX:
+    -grad plus the rounding offset is an int32); for 8/16-bit stores and K >= 1 the sum stays
+    within int32 (|store| < 2^15, |step| <= 2^30) and is computed there, else in int64: the
+    same values either way."""
+    if pp.dtype in ("int8", "int16") and pp.lr_shift >= 1 and grad.dtype == torch.int32:
+        new = store.to(torch.int32) + stochastic_shift(-grad, pp.lr_shift, noise, bounded=True)
+    else:
+        new = widen(store) + stochastic_shift(-widen(grad), pp.lr_shift, noise)
     return saturate(new, pp.lo, pp.hi).to(DTYPES[pp.dtype])

@@ -114,7 +114,8 @@ def narrow(x: np.ndarray, dtype: str) -> Q:
 
 
 def sat32(x: np.ndarray) -> np.ndarray:
-    return clip(x, INT32_MIN, INT32_MAX)
+    """Gradient saturation: symmetric, 2^16 inside the int32 range."""
+    return clip(x, -(INT32_MAX - 2**16), INT32_MAX - 2**16)
 
 
 def _eight_bit(*qs: Q) -> None:
@@ -369,6 +370,8 @@ def adjoint(prim: Any, env: Env, key: str, p: dict[str, Q], saved: Any, g: Q,
     op = prim.op
     if op in WEIGHTED:
         x, w = saved, p["w"]
+        # the int8 error e feeds all three products, as documented (dW = Hebbian(x, e), db =
+        # sum e, dx = requant(e W)); the torch forms sum the unsaturated g into db
         e8 = Q(narrow(g.t, "int8").t, g.f, "int8", g.c)
         if op == "conv":
             gw = conv2d_weight(x.t, e8.t, prim.k, prim.stride, prim.padding, prim.groups)
@@ -452,12 +455,13 @@ def _run(env: Env, vals: dict, chain: Chain, x: Q) -> tuple[Q, list]:
 
 def _back(env: Env, vals: dict, chain: Chain, saved: list, g: Q,
           need_first: bool) -> tuple[dict[str, Q], Q]:
-    """Reverse through a chain; every primitive but a chain's first (unless need_first)
-    gives its input gradient."""
+    """Reverse through a chain; a primitive gives its input gradient when one before it in
+    the chain has parameters (or need_first, for the chain after a residual add)."""
     grads: dict[str, Q] = {}
     for j in range(len(chain) - 1, -1, -1):
         key, prim = chain[j]
-        gp, gx = adjoint(prim, env, key, vals[key], saved[j], g, j > 0 or need_first)
+        need = need_first or any(p.trainable for _, p in chain[:j])
+        gp, gx = adjoint(prim, env, key, vals[key], saved[j], g, need)
         grads.update({f"{key}.{s}": v for s, v in gp.items()})
         if gx is None:
             break
@@ -466,9 +470,11 @@ def _back(env: Env, vals: dict, chain: Chain, saved: list, g: Q,
 
 
 def add(a: Q, b: Q) -> Q:
-    """The residual add at the finer exponent (exact left shifts)."""
+    """The residual add at the finer exponent (exact left shifts); int32 wide while the
+    shift is at most 22 bits, else int64."""
     f = max(a.f, b.f)
-    return Q((a.t << (f - a.f)) + (b.t << (f - b.f)), f)
+    wide = "int32" if abs(a.f - b.f) <= 22 else "int64"
+    return Q((a.t << (f - a.f)) + (b.t << (f - b.f)), f, wide)
 
 
 def block_forward(env: Env, qparams: Arrays, block: Any, i: int, x: Q) -> tuple[Q, dict]:

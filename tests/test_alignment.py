@@ -10,13 +10,14 @@ import torch
 from edge import rules
 from edge.alignment import alignment, backprop_grads, cosine, rule_update
 from edge.errors import EdgeError
-from edge.nets import LayerSpec, NetSpec, init_params
 from edge.app.plot import plot_run
+from edge.layers import Conv, MaxPool, ReLU
+from edge.nets import NetSpec
+from edge.nets.block import Block
 
-NET = NetSpec(
-    "t", (1, 8, 8),
-    (LayerSpec("conv", 1, 4, pool=True), LayerSpec("conv", 4, 6), LayerSpec("conv", 6, 8)),
-)
+NET = NetSpec("t", (1, 8, 8), (Block((Conv(1, 4, 3, 1, 1), ReLU(), MaxPool(2))),
+                               Block((Conv(4, 6, 3, 1, 1), ReLU())),
+                               Block((Conv(6, 8, 3, 1, 1), ReLU()))))
 LOCAL = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff"]
 
 
@@ -24,7 +25,7 @@ def setup(name: str, seed: int = 0):
     rule = rules.get(name)
     rule.check(NET)
     gen = torch.Generator().manual_seed(seed)
-    params = init_params(NET, gen)
+    params = NET.init_params(gen)
     params.update(rule.init(NET, gen))
     x1 = torch.randn(16, 1, 8, 8, generator=gen)
     return rule, params, x1, x1 + 0.2 * torch.randn(x1.shape, generator=gen)
@@ -34,7 +35,7 @@ def setup(name: str, seed: int = 0):
 def test_one_cosine_per_layer_in_range_and_deterministic(name: str) -> None:
     rule, params, x1, x2 = setup(name)
     a = alignment(NET, rule, params, x1, x2)
-    assert len(a) == len(NET.layers)
+    assert len(a) == len(NET.blocks)
     assert all(-1.0 <= v <= 1.0 for v in a)
     assert any(v != 0.0 for v in a)
     assert alignment(NET, rule, params, x1, x2) == a  # the bp-infonce head comes from a seed
@@ -43,7 +44,7 @@ def test_one_cosine_per_layer_in_range_and_deterministic(name: str) -> None:
 def test_a_global_rule_is_aligned_with_itself() -> None:
     rule, params, x1, x2 = setup("bp-clapp++")
     a = alignment(NET, rule, params, x1, x2, reference=rules.get("bp-clapp++"))
-    assert a == pytest.approx([1.0] * len(NET.layers), abs=1e-6)
+    assert a == pytest.approx([1.0] * len(NET.blocks), abs=1e-6)
 
 
 def test_clapp_pp_top_layer_is_exactly_bp_clapp_pp() -> None:
@@ -57,16 +58,16 @@ def test_clapp_pp_top_layer_is_exactly_bp_clapp_pp() -> None:
 def test_local_update_is_what_the_step_would_apply() -> None:
     """For a 1-layer net the local update is just the layer's closed-form gradient, which is
     autograd of the same loss through bp-clapp++ (the top = the only layer)."""
-    net = NetSpec("one", (1, 8, 8), (LayerSpec("conv", 1, 4, pool=True),))
+    net = NetSpec("one", (1, 8, 8), (Block((Conv(1, 4, 3, 1, 1), ReLU(), MaxPool(2))),))
     rule = rules.get("clapp++")
     gen = torch.Generator().manual_seed(0)
-    params = {**init_params(net, gen), **rule.init(net, gen)}
+    params = {**net.init_params(gen), **rule.init(net, gen)}
     x1 = torch.randn(8, 1, 8, 8, generator=gen)
     x2 = x1 + 0.1 * torch.randn(x1.shape, generator=gen)
-    mine = rule_update(net, rule, params, x1, x2)["enc.0.w"]
+    mine = rule_update(net, rule, params, x1, x2)["enc.0.0.w"]
     bp = rules.get("bp-clapp++")
     bp.check(net)
-    ref = backprop_grads(net, bp, params, x1, x2)["enc.0.w"]
+    ref = backprop_grads(net, bp, params, x1, x2)["enc.0.0.w"]
     assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-7) and float(ref.norm()) > 0
 
 

@@ -57,7 +57,13 @@ def test_rules_json(capsys):
     "args,needle",
     [
         (["train", "--rule", "hebb"], "valid: "),
-        (["train", "--data", "imagenet"], "valid: digits, mnist, cifar10"),
+        (["train", "--data", "imagenet"], "unknown data set 'imagenet'"),
+        (["train", "--device", "tpu"], "unknown --device 'tpu'"),
+        (["train", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["train", "--lr", "inf"], "--lr must be a positive finite"),
+        (["train", "--hp", "nosuchkey=1"], "valid: pool, predictor, rank"),
+        (["train", "--resume", "--out", "/nonexistent/run"], "holds no checkpoint"),
+        (["export", "--check", "/nonexistent/bundle"], "no bundle directory"),
         (["train", "--epochs", "0"], "--epochs must be positive"),
         (["train", "--batch-size", "-3"], "--batch-size must be positive"),
         (["train", "--subset", "0"], "--subset must be positive"),
@@ -72,11 +78,13 @@ def test_bad_input_is_one_line(capsys, args, needle):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_missing_data_names_where_it_looked(capsys, tmp_path, monkeypatch):
+def test_missing_data_dir_is_named_and_never_replaced(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDGE_DATA", raising=False)
     code, _, err = run(capsys, "train", "--data", "mnist", "--data-dir", str(tmp_path / "none"))
     assert code == 2 and str(tmp_path / "none") in err and err.count("\n") == 1
+    code, _, err = run(capsys, "train", "--data", "mnist")
+    assert code == 2 and "EDGE_DATA" in err and err.count("\n") == 1
 
 
 def test_checkpoint_of_another_network(capsys, tmp_path):
@@ -100,7 +108,7 @@ def test_checkpoint_of_another_network(capsys, tmp_path):
         "--json",
     )
     params, state, meta = checkpoint.load(tmp_path)
-    params["enc.0.w"] = torch.zeros(3, 3)
+    params["enc.0.0.w"] = torch.zeros(3, 3)
     checkpoint.save(tmp_path / "checkpoint.safetensors", params, state, meta)
     code, _, err = run(capsys, "probe", str(tmp_path))
     assert code == 2 and "does not match network" in err
@@ -123,7 +131,8 @@ def test_alignment_and_plot(capsys, tmp_path):
     code, out, _ = run(capsys, "plot", str(tmp_path), "--json")
     plots = json.loads(out)["plots"]
     assert {p.rsplit("/", 1)[1] for p in plots} == {"loss.png", "alignment.png"}
-    code, _, err = run(capsys, "train", "--rule", "bp-infonce", "--alignment")
+    code, _, err = run(capsys, "train", "--rule", "bp-infonce", "--alignment", "--out",
+                       str(tmp_path / "bp"))
     assert code == 2 and "is global" in err
 
 
@@ -136,8 +145,25 @@ def test_integer_mode_defaults_to_its_own_learning_rate(capsys, tmp_path):
     args = ["train", "--epochs", "1", "--subset", "64", "--batch-size", "32", "--width", "0.25",
             "--quant", "int8-w16", "--mode", "integer", "--json"]
     code, out, _ = run(capsys, *args, "--out", str(tmp_path / "a"))
-    assert code == 0
+    assert code in (0, None)
     want = default_lr("clapp++") * INTEGER_LR_FACTOR
-    assert json.loads(out)["config"]["lr"] == pytest.approx(want)
+    assert json.loads(out)["optimizer"]["lr"] == pytest.approx(want)
     code, out, _ = run(capsys, *args, "--lr", "0.002", "--out", str(tmp_path / "b"))
-    assert json.loads(out)["config"]["lr"] == 0.002
+    assert json.loads(out)["optimizer"]["lr"] == 0.002
+
+
+def test_a_bad_flag_answers_before_torch_is_imported():
+    code = ("import sys\nfrom edge.app.cli import main\n"
+            "try:\n    main(['train', '--device', 'tpu'])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.split() == ["2", "False"], p.stdout + p.stderr
+
+
+def test_a_rerun_into_a_used_out_is_refused(capsys, tmp_path):
+    args = ["train", "--epochs", "1", "--subset", "64", "--batch-size", "32", "--width", "0.25",
+            "--out", str(tmp_path)]
+    assert run(capsys, *args, "--json")[0] in (0, None)
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already holds a run" in err and err.count("\n") == 1
+    assert run(capsys, *args, "--overwrite", "--json")[0] in (0, None)

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge.nets import init_params, preset
+from edge.nets import preset
 from edge.optim import OptimConfig
 from edge.rules.clapp_pp import ClappPP
-from export.layers import layer_step_graphs
-from export.training_step import training_step
+from export.step import block_graphs, fp32_program, step_graph
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +35,12 @@ def graphs():
     net = preset("digits", (1, 8, 8), 1.0)
     rule, opt = ClappPP(), OptimConfig("adamw", lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    params = init_params(net, gen)
+    params = net.init_params(gen)
     params.update(rule.init(net, gen))
     state = opt.init_state(params)
-    model, man = training_step(net, rule, opt, params, state, 32)
-    layers, ios = layer_step_graphs(net, rule, opt, params, state, 32)
+    program = fp32_program(net, rule, opt)
+    model, man = step_graph(net, rule, program, params, state, 32)
+    layers, ios = block_graphs(net, rule, program, params, state, 32)
     return [(model, man.step.memory_view()), (layers[1], ios[1].memory_view())]
 
 

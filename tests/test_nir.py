@@ -135,6 +135,21 @@ def test_subtract_reset_rates_approximate_normalised_activations(tiny):
     assert float(err[256]["enc.1.1"].mean()) < 0.5 * float(err[32]["enc.1.1"].mean())
 
 
+def test_half_threshold_start_rounds_instead_of_flooring(tiny):
+    """Reset by subtraction from v = theta / 2: v stays in [0, theta] after every step, so
+    the count is T clip(u) + 1/2 - v_T: within 1/(2T) of it (half the bound from v = 0)."""
+    net, params, x = tiny
+    g = to_nir(net, params, x)
+    target = (_ann_preacts(params, x)[0] / _lams(g)["enc.0.1"]).clamp(0, 1)
+    T = 64
+    half = simulate(g, x, T, reset="subtract", v_init=0.5, record=True).rates["enc.0.1"]
+    zero = simulate(g, x, T, reset="subtract", record=True).rates["enc.0.1"]
+    assert float((half - target).abs().max()) <= 0.5 / T + 1e-5
+    assert abs(float((half - target).mean())) < 0.5 * abs(float((zero - target).mean()))
+    with pytest.raises(EdgeError, match="v_init"):
+        simulate(g, x, 4, v_init=1.5)
+
+
 def test_zero_reset_first_layer_within_its_bounds(tiny):
     """NIR's IF resets to 0: with a = u / theta in (0, 1] the neuron fires every
     floor(1 / a) + 1 steps, a rate in [a / (1 + a), a]; a <= 0 never fires; a > 1 fires every
@@ -165,6 +180,8 @@ def test_norse_runs_the_file_as_the_reference_does(tiny, tmp_path):
         assert torch.allclose(nor.outputs[t], ref.outputs[t], atol=1e-4)
     with pytest.raises(EdgeError, match="subtract"):
         simulate(g, x, 4, backend="norse", reset="subtract")
+    with pytest.raises(EdgeError, match="v_init"):
+        simulate(g, x, 4, backend="norse", v_init=0.5)
 
 
 def test_threshold_form_and_integer_weights_fire_the_same_spikes(tiny):
@@ -214,6 +231,25 @@ def test_head_readout_matches_the_ann(tiny):
     assert float((p_in == p_out).float().mean()) >= 0.95
     with pytest.raises(EdgeError, match="head"):
         to_nir(net, params, x, head=(head[0][:, :-1], head[1]))
+
+
+def test_pool_before_the_activation_folds_into_the_conv():
+    """conv -> avgpool -> relu: the pool sums currents, so the conv carries lam k^2 and the
+    IF keeps a unit threshold; its input current is constant, so the 1/T bound holds."""
+    spec = {"name": "p", "in_shape": [1, 8, 8], "blocks": [
+        {"layers": [{"op": "conv", "cout": 3, "k": 3, "padding": 1}, {"op": "avgpool", "k": 2},
+                    {"op": "relu"}, {"op": "flatten"}]}]}
+    net, params = _net(spec)
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    g = to_nir(net, params, x)
+    assert [type(g.nodes[a]).__name__ for a, _ in g.edges][1:4] == ["Conv2d", "SumPool2d", "IF"]
+    assert np.all(g.nodes["enc.0.2"].v_threshold == 1)
+    z = F.avg_pool2d(F.conv2d(x, params["enc.0.0.w"], params["enc.0.0.b"], padding=1), 2)
+    lam = _lams(g)["enc.0.2"]
+    assert lam == pytest.approx(np.percentile(z[z > 0].numpy(), 99.9), rel=1e-4)
+    T = 64
+    rate = simulate(g, x, T, reset="subtract", record=True).rates["enc.0.2"]
+    assert float((rate - (z / lam).clamp(0, 1)).abs().max()) <= 1 / T + 1e-5
 
 
 def test_gap_linear_relu6_and_bernoulli_input():

@@ -16,13 +16,14 @@ def run(capsys, *args):
 
 def test_rule_reports_local_and_backprop(capsys):
     code, out, err = run(capsys, "simulate", "--target", "stm32f746", "--rule", "clapp++",
-                         "--data", "digits", "--width", "0.25", "--batch", "4", "--json")
+                         "--data", "digits", "--width", "0.25", "--batch", "4", "--per-layer",
+                         "--json")
     assert code in (0, None), err
     r = json.loads(out)
     for key in ("fits", "peak_bytes", "arena_bytes", "lower_bound_bytes", "no_reuse_bytes",
                 "peak_op", "per_category", "tiers", "backprop_peak_bytes"):
         assert key in r
-    assert r["lower_bound_bytes"] <= r["arena_bytes"] <= 1.05 * r["lower_bound_bytes"]
+    assert r["lower_bound_bytes"] <= r["arena_bytes"] <= 1.10 * r["lower_bound_bytes"]
     assert r["backprop_peak_bytes"] > 0
     assert r["local_vs_backprop_peak"] == pytest.approx(r["peak_bytes"] / r["backprop_peak_bytes"])
     # what-if: the same step as per-layer graphs run one after another (3 conv layers)
@@ -51,3 +52,34 @@ def test_bundle_with_layers_reports_both(capsys, tmp_path):
 def test_exactly_one_source(capsys):
     code, _, err = run(capsys, "simulate", "--target", "host")
     assert code == 2 and "exactly one of" in err
+
+
+def test_integer_step_beside_fp32_and_backprop(capsys):
+    code, out, err = run(capsys, "simulate", "--target", "stm32f746", "--rule", "clapp++",
+                         "--data", "digits", "--width", "0.25", "--batch", "4", "--quant",
+                         "int8-w16", "--mode", "integer", "--json")
+    assert code in (0, None), err
+    r = json.loads(out)
+    assert r["quant"] == "int8-w16" and r["fp32_step"]["total_bytes"] > r["total_bytes"] > 0
+    assert r["integer_vs_fp32_total"] == pytest.approx(
+        r["total_bytes"] / r["fp32_step"]["total_bytes"])
+    assert r["backprop_peak_bytes"] > 0
+
+
+def test_max_batch_for_a_rule_and_a_fixed_batch_bundle(capsys, tmp_path):
+    code, out, err = run(capsys, "simulate", "--target", "stm32h743", "--rule", "clapp++",
+                         "--data", "digits", "--width", "0.25", "--max-batch", "--json")
+    assert code in (0, None), err
+    best = json.loads(out)["max_batch"]
+    assert best is not None and best >= 2
+    fits = {}
+    for b in (best, best + 1):
+        code, out, _ = run(capsys, "simulate", "--target", "stm32h743", "--rule", "clapp++",
+                           "--data", "digits", "--width", "0.25", "--batch", str(b), "--json")
+        fits[b] = json.loads(out)["fits"]
+    assert fits == {best: True, best + 1: False}
+    run(capsys, "export", "--rule", "clapp++", "--data", "digits", "--width", "0.25",
+        "--batch-size", "4", "-o", str(tmp_path / "b"))
+    code, _, err = run(capsys, "simulate", "--target", "rp2040", "--bundle", str(tmp_path / "b"),
+                       "--max-batch")
+    assert code == 2 and "fixed batch size" in err and err.count("\n") == 1

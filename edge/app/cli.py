@@ -329,7 +329,7 @@ _mount_subcommands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    from edge.app.train import Interrupted
+    from edge.errors import Interrupted
 
     try:
         app(args=argv, prog_name="edge")

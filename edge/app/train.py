@@ -34,17 +34,13 @@ from edge import checkpoint, rules
 from edge.alignment import alignment
 from edge.app.config import TrainConfig
 from edge.data import load, two_views, view_config
-from edge.errors import EdgeError
+from edge.errors import EdgeError, Interrupted
 from edge.nets import NetSpec, default_preset, encode, fold_batchnorm, resolve
 from edge.optim import OptimConfig
 from edge.probe import probe_accuracy
 from edge.step import train_step
 
 RESULT = "result.json"
-
-
-class Interrupted(EdgeError):
-    """Ctrl-C during training; the message says what was saved and how to resume."""
 
 
 def optim(cfg: TrainConfig) -> OptimConfig:
@@ -178,7 +174,6 @@ def train(
     `random_probe_accuracy` are None)."""
     t0 = time.perf_counter()
     out = Path(out)
-    ckpt_path = _check_out(out, resume, overwrite)
     ds = load(cfg.data, data_dir, cfg.subset)
     if init is not None:
         net, params0 = fold_batchnorm(*init)
@@ -187,7 +182,11 @@ def train(
         params0 = {**params0, **rule.init(net, torch.Generator().manual_seed(cfg.seed))}
     else:
         net, rule, params0 = build(cfg, ds.in_shape)
+    if cfg.alignment and not rule.is_local:
+        raise EdgeError(f"--alignment compares a local rule with backprop; {cfg.rule} is "
+                        "global")
     opt = optim(cfg)
+    ckpt_path = _check_out(out, resume, overwrite)  # after every check: nothing is touched
     engine = engine or make_engine(cfg)
     engine.bind(net, rule, opt)
     device = torch.device(cfg.device)
@@ -269,6 +268,7 @@ def train(
         "alignment": _mean_alignment(history), "parameters": param_counts(params),
         "seconds": round(time.perf_counter() - t0, 2), "checkpoint": str(ckpt_path),
         "weights_digest": checkpoint.weights_digest(params),
+        "optimizer": {"name": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay},
         "quantization": engine.describe() or None, "config": cfg.to_dict(),
     }
     (out / RESULT).write_text(json.dumps(result, indent=2))

@@ -62,7 +62,9 @@ class Activation(Primitive):
         lo, hi = self.int_range(0)
         f_y = ex.out_exponent(key, x, hi)
         lo, hi = self.int_range(f_y)
-        y = intops.saturate(intops.round_shift(intops.widen(x.t), x.f - f_y), lo, hi)
+        # int32 is exact for a right shift (nothing grows beyond |acc|); a left shift widens
+        t = x.t.to(torch.int32) if x.f >= f_y and x.t.dtype != torch.int64 else intops.widen(x.t)
+        y = intops.saturate(intops.round_shift(t, x.f - f_y), lo, hi)
         out = QT(y.to(DTYPE[self.signed]), f_y)
         return out, out
 

@@ -10,6 +10,7 @@ to 8 bits. The adjoint is the same tensor to both branches, as in float.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from edge.layers import intops
@@ -21,6 +22,8 @@ def add(a: Tensor, b: Tensor) -> Tensor:
 
 
 def int_add(a: QT, b: QT) -> QT:
+    """Exact; int32 holds it while both 8-bit operands are shifted by at most 22 bits."""
     f = max(a.f, b.f)
-    t = intops.widen(a.t) * (1 << (f - a.f)) + intops.widen(b.t) * (1 << (f - b.f))
+    wide = torch.int32 if abs(a.f - b.f) <= 22 else torch.int64
+    t = a.t.to(wide) * (1 << (f - a.f)) + b.t.to(wide) * (1 << (f - b.f))
     return QT(t, f)

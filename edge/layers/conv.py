@@ -127,7 +127,7 @@ class Conv(Primitive):
     def int_adjoint(self, ex, key, p, x, g, need_gx):
         e8 = intops.narrow(g.t, torch.int8)
         gw = intops.saturate32(intops.int_conv2d_weight(x.t, e8, self.geom))
-        gb = intops.saturate32(intops.widen(g.t).sum((0, 2, 3)))
+        gb = intops.saturate32(intops.widen(e8).sum((0, 2, 3)))
         grads = {"w": QT(gw, x.f + g.f, g.c), "b": QT(gb, g.f, g.c)}
         gx = None
         if need_gx:

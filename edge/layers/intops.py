@@ -80,8 +80,14 @@ def _floor_mod(x: Tensor, d: int) -> Tensor:
     return torch.remainder(x, d)
 
 
+@torch.library.custom_op("edge_int::div_nonneg", mutates_args=())
+def _div_nonneg(x: Tensor, d: int) -> Tensor:
+    return x >> (d.bit_length() - 1) if d & (d - 1) == 0 else torch.div(x, d, rounding_mode="floor")
+
+
 @_floor_div.register_fake
 @_floor_mod.register_fake
+@_div_nonneg.register_fake
 def _(x: Tensor, d: int) -> Tensor:
     return torch.empty_like(x)
 
@@ -100,11 +106,12 @@ def floor_mod(x: Tensor, d: int) -> Tensor:
     return torch.zeros_like(x) if d == 1 else _floor_mod(x, d)
 
 
-def floor_shift(x: Tensor, k: int) -> Tensor:
-    """floor(x / 2^k) for k > 0 (arithmetic shift right, rounds toward -inf); x * 2^-k else."""
+def floor_shift(x: Tensor, k: int, nonneg: bool = False) -> Tensor:
+    """floor(x / 2^k) for k > 0 (arithmetic shift right, rounds toward -inf); x * 2^-k else.
+    `nonneg`: the caller guarantees x >= 0, where floor is truncation (ONNX: one Div)."""
     if k <= 0:
         return x * (1 << -k)
-    return floor_div(x, 1 << k)
+    return _div_nonneg(x, 1 << k) if nonneg else floor_div(x, 1 << k)
 
 
 def div_round(x: Tensor, d: int) -> Tensor:
@@ -135,8 +142,10 @@ def saturate(x: Tensor, lo: int, hi: int) -> Tensor:
 
 
 def saturate32(x: Tensor) -> Tensor:
-    """An int32 accumulator with saturation: the exact (int64) sum clipped to the int32 range."""
-    return saturate(x, INT32_MIN, INT32_MAX)
+    """A gradient accumulator with saturation, as int32: the exact sum clipped to the
+    symmetric range [-GRAD_MAX, GRAD_MAX] (2^16 below the int32 limits), so that its
+    negation plus any rounding offset of 16 random bits is an int32 too."""
+    return saturate(x, -GRAD_MAX, GRAD_MAX).to(torch.int32)
 
 
 def narrow(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -145,7 +154,11 @@ def narrow(x: Tensor, dtype: torch.dtype) -> Tensor:
     return saturate(x, info.min, info.max).to(dtype)
 
 
-def stochastic_shift(x: Tensor, k: int, noise: Tensor, noise_bits: int = NOISE_BITS) -> Tensor:
+GRAD_MAX = INT32_MAX - (1 << NOISE_BITS)  # gradients saturate here: room for rounding bits
+
+
+def stochastic_shift(x: Tensor, k: int, noise: Tensor, noise_bits: int = NOISE_BITS,
+                     bounded: bool = False) -> Tensor:
     """Unbiased stochastic rounding of x / 2^k with explicit random bits.
 
     `noise` holds integers uniform in [0, 2^noise_bits), one per element of x (any integer
@@ -153,15 +166,22 @@ def stochastic_shift(x: Tensor, k: int, noise: Tensor, noise_bits: int = NOISE_B
     the result is floor((x + r) / 2^k), whose mean is exactly x / 2^k. For k > noise_bits the
     low k - noise_bits bits of x are first dropped by a floor shift (a bias below 2^-noise_bits
     of one output unit). For k <= 0 the result is exact (x * 2^-k) and the noise is unused.
+    int32 x is computed in int32: `bounded` (|x| <= GRAD_MAX, e.g. a saturated gradient)
+    forms x + r directly, else floor(x / 2^k) + floor((x mod 2^k + r) / 2^k), which never
+    leaves int32; wider x in int64. The same values every way.
     """
     if k <= 0:
-        return x * (1 << -k)
-    r = widen(noise)
+        return widen(x) * (1 << -k)
+    narrow32 = x.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32)
+    r = noise.to(torch.int32) if narrow32 else widen(noise)
     if k > noise_bits:
         x = floor_shift(x, k - noise_bits)
         k = noise_bits
     else:
-        r = floor_shift(r, noise_bits - k)
+        r = floor_shift(r, noise_bits - k, nonneg=True)
+    if narrow32 and not bounded:
+        x = x.to(torch.int32)
+        return floor_shift(x, k) + floor_shift(floor_mod(x, 1 << k) + r, k, nonneg=True)
     return floor_shift(x + r, k)
 
 
@@ -303,7 +323,7 @@ def _conv_input_eager(e: Tensor, w: Tensor, g: ConvGeom, h: int, wd: int) -> Ten
 
 @torch.library.custom_op("edge_int::matmul", mutates_args=())
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
-    return _mm_eager(a, b, _max_abs(a) * _max_abs(b))
+    return _mm_eager(a, b, _max_abs(a) * _max_abs(b)).to(torch.int32)  # one chunk: fits
 
 
 @torch.library.custom_op("edge_int::conv", mutates_args=())
@@ -332,7 +352,7 @@ def _conv_out(size: int, k: int, s: int, p: int) -> int:
 
 @_matmul.register_fake
 def _(a: Tensor, b: Tensor) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int64)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
 @_conv.register_fake
@@ -363,16 +383,14 @@ def _sum64(parts: list[Tensor]) -> Tensor:
 
 
 def int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for 8-bit integer matrices (M, K) x (K, N): int64 result, exact (one
-    MatMulInteger per MATMUL_CHUNK of K, whose int32 sum cannot overflow)."""
+    """a @ b for 8-bit integer matrices (M, K) x (K, N), exact: one MatMulInteger per
+    MATMUL_CHUNK of K, whose int32 sum cannot overflow; int32 for one chunk, else the chunks
+    added in int64."""
     _max_abs(a), _max_abs(b)
     k = dims(a)[1]
-    return _sum64(
-        [
-            _matmul(a[:, s : s + MATMUL_CHUNK], b[s : s + MATMUL_CHUNK])
-            for s in range(0, k, MATMUL_CHUNK)
-        ]
-    )
+    parts = [_matmul(a[:, s : s + MATMUL_CHUNK], b[s : s + MATMUL_CHUNK])
+             for s in range(0, k, MATMUL_CHUNK)]
+    return parts[0] if len(parts) == 1 else _sum64([widen(p) for p in parts])
 
 
 def int_conv2d(x: Tensor, w: Tensor, geom: ConvGeom) -> Tensor:
@@ -439,6 +457,10 @@ def _symbolics() -> None:
     def floor_mod_sym(g, x, d):
         return onnx_mod(g, x, d)
 
+    @sh.parse_args("v", "i")
+    def div_nonneg_sym(g, x, d):
+        return g.op("Div", x, like(g, x, d))  # x >= 0: truncation is the floor
+
     def scalar(v) -> str:
         return v.type().scalarType()  # "Byte" (uint8) | "Char" (int8)
 
@@ -466,7 +488,7 @@ def _symbolics() -> None:
                     g.op("Mul", const(g, 128, torch.int32), sum32(g, a, 1)))
 
     def matmul_sym(g, a, b):
-        return cast(g, mm_chunk(g, a, b), "Long")
+        return mm_chunk(g, a, b)
 
     @sh.parse_args("v", "v", "is")
     def conv_sym(g, x, w, geom):
@@ -532,6 +554,7 @@ def _symbolics() -> None:
     for name, fn in (
         ("floor_div", floor_div_sym),
         ("floor_mod", floor_mod_sym),
+        ("div_nonneg", div_nonneg_sym),
         ("matmul", matmul_sym),
         ("conv", conv_sym),
         ("conv_weight", conv_weight_sym),

@@ -63,7 +63,7 @@ class Linear(Primitive):
     def int_adjoint(self, ex, key, p, x, g, need_gx):
         e8 = intops.narrow(g.t, torch.int8)
         grads = {"w": QT(intops.saturate32(intops.int_matmul(e8.t(), x.t)), x.f + g.f, g.c),
-                 "b": QT(intops.saturate32(intops.widen(g.t).sum(0)), g.f, g.c)}
+                 "b": QT(intops.saturate32(intops.widen(e8).sum(0)), g.f, g.c)}
         gx = None
         if need_gx:
             w = p["w"]

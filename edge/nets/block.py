@@ -236,7 +236,8 @@ def _adjoint(ex, params, chain: Chain, saved: list, g, need_first_gx: bool):
             continue
         if j > 0 and saved[j - 1] is FUSED:  # the max-pool of a fused pair
             g = _mask(ex, chain[j - 1][1], saved[j][2], g)
-        need_gx = j > 0 or need_first_gx
+        # an input gradient only where a primitive before this one has parameters to train
+        need_gx = need_first_gx or any(p.trainable for _, p in chain[:j])
         p = ex.prim_params(key, prim, params, None) if prim.param_shapes() else {}
         if ex.integer:
             gp, g = prim.int_adjoint(ex, key, p, saved[j], g, need_gx)

@@ -86,7 +86,6 @@ def export_cmd(
         _print({"bundle": str(check), "ok": True, **summary(manifest)}, as_json)
         return
     from edge.app.config import TrainConfig
-
     from export.profile import check_profile, profile_bundle
 
     check_profile(profile)

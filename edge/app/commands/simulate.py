@@ -10,25 +10,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from onnx import ModelProto
-from rich.console import Console
 
 from edge.errors import EdgeError
-from edge.sim.onnx_graph import GraphOptions
-from edge.sim.report import plot_timeline, render_code_size, render_table
-from edge.sim.simulate import (
-    POLICIES,
-    MemoryReport,
-    SimOptions,
-    load_target,
-    max_batch_that_fits,
-    simulate,
-    simulate_sequence,
-)
-from targets import Target
+
+if TYPE_CHECKING:  # the simulator imports onnx: only when a command runs, so bad flags are quick
+    from onnx import ModelProto
+
+    from edge.sim.simulate import MemoryReport, SimOptions
+    from targets import Target
 
 
 def read_iree_report(bundle: Path) -> dict[str, Any] | None:
@@ -68,6 +60,9 @@ def sim_options(
     persistent: str = "auto",
     inplace: bool = True,
 ) -> SimOptions:
+    from edge.sim.onnx_graph import GraphOptions
+    from edge.sim.simulate import SimOptions
+
     graph = GraphOptions.from_manifest(manifest, dims=dict(dims or {}), batch_size=batch)
     return SimOptions(persistent=persistent, inplace=inplace, graph=graph)
 
@@ -83,6 +78,8 @@ def run_simulation(
     inplace: bool = True,
 ) -> MemoryReport:
     """Simulate `model` on `target`; `manifest` = {bindings, param_names, state_names}."""
+    from edge.sim.simulate import load_target, simulate
+
     options = sim_options(
         manifest=manifest, batch=batch, dims=dims, persistent=persistent, inplace=inplace
     )
@@ -95,6 +92,7 @@ def per_layer_report(
 ) -> MemoryReport:
     """The per-layer graphs run one after another (the what-if beside the whole step)."""
     from edge.sim.onnx_graph import schedule_from_onnx
+    from edge.sim.simulate import SimOptions, simulate_sequence
 
     schedules = [schedule_from_onnx(m, sim_options(manifest=view, batch=batch).graph)
                  for m, view in layers]
@@ -138,7 +136,7 @@ def simulate_cmd(
     persistent: Annotated[
         str,
         typer.Option(
-            "--persistent", help=f"Where parameters/optimizer state live: {' | '.join(POLICIES)}."
+            "--persistent", help="Where parameters and state live: auto | sram | flash | dram."
         ),
     ] = "auto",
     inplace: Annotated[
@@ -154,13 +152,14 @@ def simulate_cmd(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG timeline.")] = None,
 ) -> None:
     """Simulate a graph on a device: fits?, peak, arena plan, and where every tensor lives."""
-    from edge.app.commands import parse_hparams, sim_sources
     from edge.app.config import TrainConfig
 
     if sum(x is not None for x in (model, bundle, rule)) != 1:
         raise EdgeError("give exactly one of --model FILE.onnx, --bundle DIR, --rule NAME")
     cfg = None
     if rule is not None:
+        from edge.app.commands import parse_hparams
+
         cfg = TrainConfig(rule=rule, data=data, net=net, width=width, quant=quant, mode=mode,
                           optimizer=optimizer, rule_hparams=parse_hparams(hp))
         if batch is not None and batch < 2:
@@ -170,14 +169,24 @@ def simulate_cmd(
     elif quant != "fp32" or per_layer or hp:
         raise EdgeError("--quant, --mode, --hp and --per-layer describe a --rule's step; a "
                         "bundle or model says its own")
+    from rich.console import Console
+
+    from edge.app.commands import sim_sources
+    from edge.sim.report import plot_timeline, render_code_size, render_table
+    from edge.sim.simulate import SimOptions, load_target, simulate
+
     tgt = load_target(target)
     man = read_manifest(manifest) if manifest else None
     if bundle is not None:
         model, man = sim_sources.from_bundle(bundle)
     elif cfg is not None:
         model, man = sim_sources.from_rule(cfg, batch, profile)
+    # graphs built here or in a bundle have static shapes: --batch sizes only a --model's
+    # dynamic batch dimension
+    dyn_batch = batch if cfg is None else None
     options = sim_options(
-        manifest=man, batch=batch, dims=parse_dims(dim), persistent=persistent, inplace=inplace
+        manifest=man, batch=dyn_batch, dims=parse_dims(dim), persistent=persistent,
+        inplace=inplace
     )
     report = simulate(model, tgt, options)
     layers = []
@@ -185,7 +194,7 @@ def simulate_cmd(
         layers = sim_sources.layers_from_bundle(bundle)
     elif cfg is not None and per_layer:
         layers = sim_sources.layers_from_rule(cfg, batch, profile)
-    layer_report = (per_layer_report(layers, tgt, batch=batch, persistent=persistent,
+    layer_report = (per_layer_report(layers, tgt, batch=dyn_batch, persistent=persistent,
                                      inplace=inplace) if layers else None)
     float_report = bp_report = None
     if cfg is not None:
@@ -195,8 +204,8 @@ def simulate_cmd(
             from dataclasses import replace
 
             fm, fman = sim_sources.from_rule(replace(cfg, quant="fp32"), batch, profile)
-            float_report = simulate(fm, tgt, sim_options(manifest=fman, batch=batch,
-                                                         persistent=persistent, inplace=inplace))
+            float_report = simulate(fm, tgt, sim_options(manifest=fman, persistent=persistent,
+                                                         inplace=inplace))
     best = None
     if max_batch:
         best = (rule_max_batch(cfg, tgt, persistent, inplace, profile) if cfg is not None
@@ -211,8 +220,10 @@ def simulate_cmd(
             obj["backprop_fits"] = bp_report.fits
             obj["local_vs_backprop_peak"] = report.peak_bytes / bp_report.peak_bytes
         if float_report is not None:
-            obj["fp32_step"] = {"peak_bytes": float_report.peak_bytes, "fits": float_report.fits}
-            obj["integer_vs_fp32_peak"] = report.peak_bytes / float_report.peak_bytes
+            obj["fp32_step"] = {"peak_bytes": float_report.peak_bytes, "fits": float_report.fits,
+                                "total_bytes": total_bytes(float_report)}
+            obj["total_bytes"] = total_bytes(report)
+            obj["integer_vs_fp32_total"] = total_bytes(report) / total_bytes(float_report)
         if layer_report is not None:
             obj["per_layer"] = {
                 "graphs": len(layers), "fits": layer_report.fits,
@@ -242,9 +253,10 @@ def simulate_cmd(
             f"per-layer / whole step peak {layer_report.peak_bytes / report.peak_bytes:.2f}"
         )
     if float_report is not None:
-        console.print(f"fp32 step of the same rule: peak {float_report.peak_bytes:,} B, fits: "
-                      f"{'yes' if float_report.fits else 'no'}; integer / fp32 peak "
-                      f"{report.peak_bytes / float_report.peak_bytes:.2f}")
+        console.print(f"fp32 step of the same rule: {total_bytes(float_report):,} B in all "
+                      f"(arena + parameters + state), fits: "
+                      f"{'yes' if float_report.fits else 'no'}; integer / fp32 "
+                      f"{total_bytes(report) / total_bytes(float_report):.2f}")
     if bp_report is not None:
         console.print(
             f"backprop (bp-infonce, same network): peak {bp_report.peak_bytes:,} B, "
@@ -261,15 +273,23 @@ def simulate_cmd(
 MAX_BATCH = 4096
 
 
+def total_bytes(report: Any) -> int:
+    """Everything a step holds, wherever it lives: the arena, parameters and state (the
+    on-chip peak depends on where the placement policy put the persistent tensors)."""
+    d = report.to_dict()["per_category"]
+    return report.arena_bytes + d.get("parameter", 0) + d.get("optimizer_state", 0)
+
+
 def rule_max_batch(cfg: Any, tgt: Target, persistent: str, inplace: bool, profile: str,
                    lowest: int = 2) -> int | None:
     """The largest batch whose exported step fits `tgt` (re-exported per batch: doubling,
     then bisection; the step's peak grows with the batch)."""
     from edge.app.commands import sim_sources
+    from edge.sim.simulate import simulate
 
     def fits(b: int) -> bool:
         m, man = sim_sources.from_rule(cfg, b, profile)
-        return simulate(m, tgt, sim_options(manifest=man, batch=b, persistent=persistent,
+        return simulate(m, tgt, sim_options(manifest=man, persistent=persistent,
                                             inplace=inplace)).fits
 
     if not fits(lowest):
@@ -288,6 +308,7 @@ def bundle_max_batch(model: Any, tgt: Target, options: SimOptions, is_bundle: bo
     """The largest batch of a graph with a dynamic batch dimension; a fixed-batch graph says
     so in one line."""
     from edge.sim.onnx_graph import load_model
+    from edge.sim.simulate import max_batch_that_fits
 
     m = load_model(model)
     dynamic = any(not d.HasField("dim_value") for i in m.graph.input
