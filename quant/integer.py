@@ -31,8 +31,7 @@ import torch
 from torch import Tensor
 
 from edge.errors import EdgeError
-from edge.layers import EAGER, BatchNorm, Executor
-from edge.layers import intops
+from edge.layers import EAGER, BatchNorm, Executor, intops
 from edge.layers.base import QT
 from edge.nets import NetSpec
 from edge.step import local_step

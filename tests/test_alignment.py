@@ -9,8 +9,8 @@ import torch
 
 from edge import rules
 from edge.alignment import alignment, backprop_grads, cosine, rule_update
-from edge.errors import EdgeError
 from edge.app.plot import plot_run
+from edge.errors import EdgeError
 from edge.layers import Conv, MaxPool, ReLU
 from edge.nets import NetSpec
 from edge.nets.block import Block

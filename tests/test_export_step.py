@@ -2,13 +2,14 @@
 
 fp32: the graph is the trace of the same `local_step` over the traced executor. At each of
 20 steps along the torch trajectory (SGD) the graph gets torch's current parameters and
-state, and its update must agree with torch's: over all parameters together, the relative
-L2 error of the update ||d_onnx - d_torch|| / ||d_torch|| (d = new - old) below FP32_TOL, and
+state, and its update must agree with torch's: over all parameters together, the relative L2
+error of the update ||d_onnx - d_torch|| / ||d_torch|| (d = new - old) below FP32_TOL, and
 the same for the optimizer state. (Per tensor the relative error is meaningless for a bias
-whose gradient is a sum that cancels to nearly nothing.) (Comparing two free-running trajectories instead
-would test chaos: a hinge margin within float rounding of zero flips its modulator, and the
-runs part. AdamW likewise turns rounding in near-zero gradients into whole steps.) Integer:
-bit for bit, two free-running trajectories of 20 steps, whole step and per-block chain.
+whose gradient is a sum that cancels to nearly nothing.) (Comparing two free-running
+trajectories instead would test chaos: a hinge margin within float rounding of zero flips
+its modulator, and the runs part. AdamW likewise turns rounding in near-zero gradients into
+whole steps.) Integer: bit for bit, two free-running trajectories of 20 steps, whole step
+and per-block chain.
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ def np_conv(x, w, geom):
         for j in range(kw):
             win = xp[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
             for gi in range(groups):
+                wg = w[gi * og:(gi + 1) * og, :, i, j]
                 out[:, gi * og:(gi + 1) * og] += np.einsum(
-                    "nchw,oc->nohw", win[:, gi * cg:(gi + 1) * cg], w[gi * og:(gi + 1) * og, :, i, j])
+                    "nchw,oc->nohw", win[:, gi * cg:(gi + 1) * cg], wg)
     return out
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from edge import rules
-from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
-from edge.sim.planner import check_no_overlap, plan_schedule
 from edge.nets import fold_batchnorm, preset
 from edge.optim import OptimConfig
+from edge.sim.onnx_graph import GraphOptions, schedule_from_onnx
+from edge.sim.planner import check_no_overlap, plan_schedule
 from export.step import block_graphs, fp32_program, step_graph
 
 GOAL = 1.10

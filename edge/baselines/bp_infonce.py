@@ -1,9 +1,9 @@
 """Global backprop SSL baseline: SimCLR-style InfoNCE, trained end to end with autograd.
 
-Encoder (the same `NetSpec`, its blocks' eager forward) -> global average pool of the last block -> projection head
-(Linear-ReLU-Linear to 128) -> cosine similarity / temperature 0.1 -> NT-Xent over the 2N
-views of a batch. Not a local rule: every layer's activations stay alive until the backward
-pass, which is exactly the memory a local rule saves.
+Encoder (the same `NetSpec`, its blocks' eager forward) -> global average pool of the last
+block -> projection head (Linear-ReLU-Linear to 128) -> cosine similarity / temperature 0.1
+-> NT-Xent over the 2N views of a batch. Not a local rule: every layer's activations stay
+alive until the backward pass, which is exactly the memory a local rule saves.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edge.layers import intops
 from edge.layers.base import QT
 
 

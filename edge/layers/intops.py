@@ -25,8 +25,8 @@ other and to the NumPy reference, bit for bit.
   chunks added in int64. The weight gradient is a ConvInteger of the input by the error with
   the batch as the channel axis and the stride as dilation; the input gradient (a transposed
   convolution, which ONNX has only for floats) is a ConvInteger of the zero-interleaved error
-  by the flipped kernel. A uint8 x int8 matmul is emitted as int8 x int8 plus 128 x the other operand's
-  sums: onnxruntime's u8s8 MatMulInteger saturates int16 pair sums on AVX2 CPUs.
+  by the flipped kernel. A uint8 x int8 matmul is emitted as int8 x int8 plus 128 x the
+  other operand's sums: onnxruntime's u8s8 MatMulInteger saturates int16 pair sums on AVX2 CPUs.
   Eager: float32 arithmetic split so that no partial sum can reach 2^24 (every partial sum
   is then an exact integer, whatever the summation order), chunks added in float64.
 """

@@ -18,13 +18,13 @@ Closed form: per sample, dL/dg of each stream (`_loss_and_dg`; for SymBa the neg
 minus the two views' together), dL/dy = dL/dg * 2 y / F, then the block's own adjoint (one
 call over all three streams: the weight gradient sums over their rows).
 
-Negatives (a third stream, built in `inputs`): the hybrid xn_i = m_i * x1_i + (1 - m_i) * x2_{i-1} of image
-i's first view and image i-1's second view (the batch rolled by one), through a smooth mask as
-in Hinton's paper: a random binary image blurred `blur` times by [1/4, 1/2, 1/4] along both
-axes, thresholded at 0.5. The masks are a fixed bank of `masks` drawn once per input size from
-`seed`; sample i of a batch takes mask i mod `masks`. So a step stays a pure function of its
-inputs (no generator state to checkpoint, a constant in an exported graph), and the shuffled
-batches still pair every mask with ever new images.
+Negatives (a third stream, built in `inputs`): the hybrid xn_i = m_i * x1_i + (1 - m_i) *
+x2_{i-1} of image i's first view and image i-1's second view (the batch rolled by one),
+through a smooth mask as in Hinton's paper: a random binary image blurred `blur` times by
+[1/4, 1/2, 1/4] along both axes, thresholded at 0.5. The masks are a fixed bank of `masks`
+drawn once per input size from `seed`; sample i of a batch takes mask i mod `masks`. So a
+step stays a pure function of its inputs (no generator state to checkpoint, a constant in an
+exported graph), and the shuffled batches still pair every mask with ever new images.
 
 Each block hands on its output length-normalised, y / sqrt(mean_f y_f^2 + eps) (`next_input`),
 so the next block sees the direction of the activity but not its goodness. The negatives go up
