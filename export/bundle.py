@@ -641,6 +641,6 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "target": (manifest.target or {}).get("name"),
         "graphs": [g.file for g in manifest.graphs()], "files": len(manifest.files),
         "bound_inputs": len(manifest.step.bound_inputs),
-        "random_bit_inputs": len(bits.get("inputs", [])),
+        "noise_inputs": len(bits.get("inputs", [])),
         "versions": manifest.versions,
     }

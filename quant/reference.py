@@ -32,6 +32,7 @@ every chunk reads the same random bits of its error roundings), then the block's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -309,14 +310,21 @@ def apply_update(plan: QuantPlan, name: str, store: np.ndarray, grad: np.ndarray
 # ------------------------------------------------------------------ primitives
 
 
-ACTIVATIONS = ("relu", "relu6", "identity")
+ACTIVATIONS = ("relu", "relu6", "identity", "leakyrelu")
 WEIGHTED = ("conv", "linear")
 
 
 def act_range(op: str, f: int) -> Pair:
-    if op == "identity":
+    if op in ("identity", "leakyrelu"):
         return RANGE["int8"]
     return (0, min(255, shift_pow2(6, f, up=False))) if op == "relu6" else (0, 255)
+
+
+def leaky_shift(slope: float) -> int:
+    k = -math.log2(slope)
+    if k != int(k):
+        raise EdgeError(f"leakyrelu slope {slope} has no integer form")
+    return int(k)
 
 
 def act_mask(op: str, y: Q) -> np.ndarray | None:
@@ -342,6 +350,11 @@ def forward(prim: Any, env: Env, key: str, p: dict[str, Q], x: Q) -> tuple[Q, An
     if op == "linear":
         acc = matmul(x, Q(p["w"].t.T, 0, p["w"].dtype)) + p["b"].t
         return Q(acc, x.f + p["w"].f), x
+    if op == "leakyrelu":  # slope 2^-k: the negative side k bits further down
+        f, k = env.exp(key), leaky_shift(prim.slope)
+        t = np.where(x.t >= 0, round_shift(x.t, x.f - f), round_shift(x.t, x.f - f + k))
+        out = Q(clip(t, *act_range(op, f)), f, "int8")
+        return out, out
     if op in ACTIVATIONS:
         f = env.exp(key)
         y = clip(round_shift(x.t, x.f - f), *act_range(op, f))
@@ -389,6 +402,9 @@ def adjoint(prim: Any, env: Env, key: str, p: dict[str, Q], saved: Any, g: Q,
         else:
             acc = matmul(e8, w)
         return grads, env.requant_error(key, Q(acc, g.f + w.f, "int64", g.c))
+    if op == "leakyrelu":
+        low = round_shift(g.t, leaky_shift(prim.slope))
+        return {}, Q(np.where(saved.t > 0, g.t, low), g.f, g.dtype, g.c)
     if op in ACTIVATIONS:
         m = act_mask(op, saved)
         return {}, g if m is None else Q(np.where(m, g.t, 0), g.f, g.dtype, g.c)

@@ -23,6 +23,7 @@ from edge.layers import (
     ReLU6,
     from_dict,
 )
+from edge.layers.leaky import LeakyReLU
 
 CASES = [
     (Conv(4, 6, 3, 1, 1), (4, 7, 7)),
@@ -36,6 +37,7 @@ CASES = [
     (ReLU(), (4, 5, 5)),
     (ReLU6(), (4, 5, 5)),
     (Identity(), (4, 5, 5)),
+    (LeakyReLU(0.1), (4, 5, 5)),
     (MaxPool(2), (3, 6, 6)),
     (MaxPool(2), (3, 7, 7)),  # odd: the last row and column are outside every window
     (MaxPool(3, 2, 1), (3, 7, 7)),  # overlapping, padded

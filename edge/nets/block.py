@@ -219,13 +219,11 @@ def _run(ex, params, chain: Chain, x):
     return x, saved
 
 
-def _mask(ex, act: Activation, y, g):
-    """g times act' read off the (pooled) output y."""
+def _through_act(ex, key: str, act: Activation, y, g):
+    """The activation's own adjoint, reading its derivative off the (pooled) output y."""
     if ex.integer:
-        m = act.int_mask(y)
-        return g if m is None else QT(torch.where(m, g.t, 0), g.f, g.c)
-    d = act.derivative(y)
-    return g if d is None else g * d.to(g.dtype)
+        return act.int_adjoint(ex, key, {}, y, g, True)[1]
+    return act.adjoint(ex, {}, y, g, True)[1]
 
 
 def _adjoint(ex, params, chain: Chain, saved: list, g, need_first_gx: bool):
@@ -235,7 +233,7 @@ def _adjoint(ex, params, chain: Chain, saved: list, g, need_first_gx: bool):
         if saved[j] is FUSED:
             continue
         if j > 0 and saved[j - 1] is FUSED:  # the max-pool of a fused pair
-            g = _mask(ex, chain[j - 1][1], saved[j][2], g)
+            g = _through_act(ex, chain[j - 1][0], chain[j - 1][1], saved[j][2], g)
         # an input gradient only where a primitive before this one has parameters to train
         need_gx = need_first_gx or any(p.trainable for _, p in chain[:j])
         p = ex.prim_params(key, prim, params, None) if prim.param_shapes() else {}
