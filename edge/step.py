@@ -68,11 +68,11 @@ def block_step(
     chunks of `ex.chunk_rows` rows, by default one view's rows (a batch of N images per
     view: N rows), so only one view's full-size error maps live at a time."""
     y, saved = net.blocks[i].forward(ex, i, params, x)
-    loss, gy, grads = rule.output_grads(i, ex, y, params, ctx)
+    loss, gy, grads, rule_state = rule.output_grads(i, ex, y, params, ctx, state)
     rows = int((y.t if ex.integer else y).shape[0])
     grads.update(block_grads(net, ex, i, params, saved, gy, rows // rule.streams))
     del saved, gy
-    new_params, new_state = {}, {}
+    new_params, new_state = {}, dict(rule_state)
     for name, g in grads.items():
         new_params[name], upd = opt.update(name, params[name], g, state, step, noise)
         new_state.update(upd)
@@ -110,6 +110,14 @@ def local_step(
     new_state["step"] = step
     layer_loss = torch.stack(losses)
     return new_params, new_state, {"loss": layer_loss.sum(), "layer_loss": layer_loss}
+
+
+def init_state(net: NetSpec, rule: Any, opt: Any, params: Tensors) -> Tensors:
+    """A run's first step state: the optimizer's (with the step counter) and the rule's."""
+    state = opt.init_state(params)
+    if rule.is_local:  # global baselines carry no state of their own
+        state.update(rule.init_state(net))
+    return state
 
 
 def train_step(

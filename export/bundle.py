@@ -21,19 +21,28 @@ records, in its ONNX metadata under `edge.step`, the description of the step it 
 from (rule, hparams, optimizer, net, batch_size, quant, feeds, its own file name); a manifest
 that says anything else about that graph is refused even with a recomputed digest.
 
-`check_bundle` refuses, in this order: an unreadable manifest, a missing or mistyped field
-(named), another format, an edited manifest (digest), a missing or changed file (sha256), a
-graph onnx.checker rejects or whose inputs/outputs differ from the manifest; in every
-training graph a binding that is not new_X -> X of the same name and shape, an output or
-params/state input left unbound, anything bound twice, an undeclared input or output; per-
-block graphs that do not partition the whole step's bindings or do not chain (x == the
-previous y); an optimizer that is not the step's update (fp32: an OptimConfig whose state
-is exactly the state inputs, adamw m. and v., sgd m.; integer: the plan's IntegerUpdate,
-the plan's parameters and dtypes those of the step); views that are not batch_size rows of
-the network input or disagree with feeds.views (integer: f_in of the plan); random bits
-that are not exactly the noise/* inputs; a graph whose `edge.step` record differs from the
-manifest; a state.npz that is not exactly the bound inputs; an infer.onnx whose weights
-differ from the step's parameters.
+`check_bundle` refuses (one line each), in this order:
+  manifest   unreadable; a field missing or mistyped (named: 'step.inputs[3].dtype');
+             another format; edited after export (its manifest_sha256)
+  files      missing, or not matching their sha256; a graph onnx.checker rejects, or whose
+             inputs and outputs differ from the manifest's
+  bindings   in every training graph: a binding that is not new_X -> X (same name, shape,
+             dtype), a new_* output or params/state input left unbound, anything bound twice,
+             an input that is neither bound nor a feed, an output neither bound nor a metric;
+             block graphs that do not partition the whole step's bindings, lack state/step,
+             or do not chain (block i's x is block i-1's y)
+  optimizer  not the update the step runs: fp32, an OptimConfig whose m./v. state inputs are
+             exactly adamw's m. and v. (sgd: m.) of every parameter, shaped like it, plus a
+             float32 state/step; integer, the plan's IntegerUpdate, the plan's parameters and
+             store dtypes those of the step, an int64 state/step, no m./v. (any other state/*
+             is the rule's own, e.g. a memory of negatives, bound like the rest)
+  feeds      x1, x2 not batch_size rows of net.in_shape in the step's dtype, or unlike
+             feeds.views (integer: quantization at the plan's f_in, half to even, clipped
+             int8); feeds.random_bits not exactly the noise/* inputs (sorted, int32, uniform
+             in [0, 65536), fresh); feeds.chain unlike the block graphs
+  record     a training graph whose `edge.step` record differs from the manifest
+  state      a state.npz that is not exactly the bound inputs with their shapes and dtypes;
+             an infer.onnx whose weights are not the step's parameters
 """
 
 from __future__ import annotations
@@ -86,6 +95,7 @@ SCRIPT = "train_with_onnxruntime.py"
 RECORD_KEY = "edge.step"  # ONNX metadata of every training graph: the step it runs
 RECORDED = ("rule", "hparams", "optimizer", "net", "batch_size", "quant", "feeds")
 STEP_COUNTER = STATE + "step"
+OPTIMIZER_STATE = ("m", "v")  # state/m.<param>, state/v.<param>: moments of the update
 _SCRIPT_SOURCE = Path(__file__).with_name("standalone.py")
 
 
@@ -360,6 +370,30 @@ def _in_shape(manifest: Manifest) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _check_optimizer_state(name: str, params: dict[str, TensorSpec],
+                           state: dict[str, TensorSpec], kinds: tuple[str, ...],
+                           counter: str) -> None:
+    """The optimizer's state inputs are exactly the step counter and `kinds` (m., v.) of
+    every parameter, shaped like it; any other state/* is the rule's own (its memory of
+    negatives), carried like the rest."""
+    step = state.get("step")
+    if step is None or (step.shape, step.dtype) != ((), counter):
+        raise EdgeError(f"optimizer {name} needs a {counter} scalar state/step")
+    mine = {k for k in state if k.split(".", 1)[0] in OPTIMIZER_STATE and "." in k}
+    want = {f"{kind}.{k}" for kind in kinds for k in params}
+    missing, extra = sorted(want - mine), sorted(mine - want)
+    if missing:
+        raise EdgeError(f"optimizer {name} needs the state input state/{missing[0]}; the step "
+                        "takes none")
+    if extra:
+        raise EdgeError(f"optimizer {name} keeps no state/{extra[0]}, yet the step takes it")
+    for k in sorted(want):
+        t, p = state[k], params[k.split(".", 1)[1]]
+        if (t.shape, t.dtype) != (p.shape, p.dtype):
+            raise EdgeError(f"state/{k} is {t.dtype}{list(t.shape)}, not the shape and dtype "
+                            f"of params/{k.split('.', 1)[1]}")
+
+
 def _check_fp32(manifest: Manifest) -> None:
     from edge.optim import OptimConfig
 
@@ -374,21 +408,7 @@ def _check_fp32(manifest: Manifest) -> None:
     cfg = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()})
     params, state = _specs(manifest.step, PARAMS), _specs(manifest.step, STATE)
     kinds = ("m", "v") if cfg.name == "adamw" else ("m",)
-    want = {"step"} | {f"{kind}.{k}" for kind in kinds for k in params}
-    for name in sorted(want - set(state)):
-        raise EdgeError(f"optimizer {cfg.name} needs the state input state/{name}; the step "
-                        "takes none")
-    for name in sorted(set(state) - want):
-        raise EdgeError(f"optimizer {cfg.name} keeps no state/{name}, yet the step takes it")
-    for name, t in state.items():
-        if name == "step":
-            ok = (t.shape, t.dtype) == ((), "float32")
-        else:
-            p = params[name.split(".", 1)[1]]
-            ok = (t.shape, t.dtype) == (p.shape, p.dtype)
-        if not ok:
-            raise EdgeError(f"state/{name} is {t.dtype}{list(t.shape)}, not what optimizer "
-                            f"{cfg.name} keeps for it")
+    _check_optimizer_state(cfg.name, params, state, kinds, "float32")
     if _noise_names(manifest.graphs()):
         raise EdgeError("an fp32 step rounds deterministically, yet the graphs take noise/* "
                         "inputs")
@@ -420,9 +440,7 @@ def _check_integer(manifest: Manifest) -> Any:
     for name, pp in plan.params.items():
         if params[name].dtype != pp.dtype:
             raise EdgeError(f"params/{name} is {params[name].dtype}, the plan stores {pp.dtype}")
-    if set(state) != {"step"} or (state["step"].shape, state["step"].dtype) != ((), "int64"):
-        raise EdgeError("the integer step keeps only state/step (int64 scalar), the graph "
-                        f"takes {sorted(state)}")
+    _check_optimizer_state("integer-sgd", params, state, (), "int64")
     want = IntegerUpdate(plan).describe()
     if manifest.optimizer != want:
         why = _first_difference(manifest.optimizer, want, "optimizer")

@@ -27,18 +27,24 @@ Format edge-bundle/2 (v1's fields keep their names and meaning; v2 adds `feeds` 
                           value replaced by 64 "0" characters (`manifest_digest`); the last
                           field. `Manifest.to_json` writes it, `Manifest.from_json` verifies
                           it; with `files` it covers every file of a bundle.
-Every field is required (null where allowed); a missing one is refused by name.
+Every field is required (null where allowed); the format is checked first, then every
+field by name and type (`from_dict`: "manifest lacks the field 'step.inputs[3].dtype'").
 
 feeds.views: x1, x2 ({inputs, dtype, shape, pairing, normalisation, quantization}):
-  normalisation   {formula, mean, std} per channel, or null where the exporter was not told
+  normalisation   {formula: (pixel / 255 - mean[c]) / std[c], mean, std} per channel, or
+                  null where the exporter was not given the data's statistics
   quantization    integer bundles: q = clip(round_half_even(x * 2^f_in), -128, 127) as int8
-                  ({source, formula, scale_exponent, rounding, clip, dtype}); fp32: null
-feeds.random_bits (null without noise/* inputs): {inputs (every noise/* input, sorted),
-  dtype int32, distribution uniform, low 0, high 65536 (exclusive), fresh: true (new bits every
-  step, never reused), purpose, per_block, reference}: a device may use any uniform source;
-  `reference` is the generator of `export.runner.draw_noise` and the bundle script, one
-  numpy default_rng(seed) for the whole run, every step drawing every input in `inputs` order.
-feeds.chain (null without per-block graphs): block i > 0 takes block i-1's y as its x.
+                  ({source, formula, scale_exponent: f_in, rounding: half_to_even,
+                  clip: [-128, 127], dtype: int8}); fp32 bundles: null
+feeds.random_bits (null without noise/* inputs): {inputs (every noise/* input of every
+  graph, sorted; noise/err.* included), dtype int32, distribution "uniform integers", low 0,
+  high 65536 (exclusive), fresh: true (drawn anew every step, never reused), purpose (input ->
+  what it rounds), per_block, reference}. A device may use any uniform source; `reference`
+  is the generator `export.runner.draw_noise` (OnnxStepper) and the bundle script both use:
+  one numpy default_rng(seed) for the whole run, each step drawing
+  rng.integers(0, 65536, size=shape, dtype=int32) for every name of `inputs` in order.
+feeds.chain (null without per-block graphs): {input x, output y, blocks, streams, rule,
+  order}: block 0 takes x1, x2, block i > 0 block i-1's y (streams x batch_size rows) as x.
 """
 
 from __future__ import annotations
@@ -141,15 +147,20 @@ class GraphIO:
 
     @staticmethod
     def from_dict(d: dict[str, Any], where: str = "graph") -> GraphIO:
-        specs = {k: tuple(TensorSpec.from_dict(_item(t, f"{where}.{k}[{j}]"), f"{where}.{k}[{j}]")
-                          for j, t in enumerate(require(d, k, where, list)))
-                 for k in ("inputs", "outputs")}
-        bindings = tuple(
-            (require(_item(b, f"{where}.bindings[{j}]"), "output", f"{where}.bindings[{j}]", str),
-             require(b, "input", f"{where}.bindings[{j}]", str))
-            for j, b in enumerate(require(d, "bindings", where, list)))
-        return GraphIO(require(d, "file", where, str), specs["inputs"], specs["outputs"],
-                       bindings)
+        file = require(d, "file", where, str)
+
+        def specs(key: str) -> tuple[TensorSpec, ...]:
+            items = require(d, key, where, list)
+            return tuple(TensorSpec.from_dict(_item(t, f"{where}.{key}[{j}]"),
+                                              f"{where}.{key}[{j}]") for j, t in enumerate(items))
+
+        def pair(j: int, b: Any) -> tuple[str, str]:
+            at = f"{where}.bindings[{j}]"
+            return require(_item(b, at), "output", at, str), require(b, "input", at, str)
+
+        inputs, outputs = specs("inputs"), specs("outputs")
+        bindings = tuple(pair(j, b) for j, b in enumerate(require(d, "bindings", where, list)))
+        return GraphIO(file, inputs, outputs, bindings)
 
 
 def binding_problem(io: GraphIO, shared: tuple[str, ...] = ()) -> str | None:

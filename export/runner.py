@@ -371,9 +371,8 @@ def integer_stepper(runtime: str, net: NetSpec, rule: Any, plan: Any,
     stepper = OnnxStepper(net, rule, None, runtime=runtime,
                           program=integer_program(net, rule, plan, qparams), **kwargs)
 
-    def step_fn(stores, x1, x2, noise, count):
-        new, _, metrics = stepper(stores, {"step": count}, x1, x2, noise=noise)
-        return new, metrics
+    def step_fn(stores, state, x1, x2, noise):
+        return stepper(stores, state, x1, x2, noise=noise)
 
     step_fn.stepper = stepper  # where the nodes went, for the CLI's report
     return step_fn

@@ -155,9 +155,11 @@ def take_noise(t: Tensors) -> Tensors:
     return {k[len(NOISE):]: v for k, v in t.items() if k.startswith(NOISE)}
 
 
-def check_batch(batch_size: int) -> None:
-    if batch_size < 2:  # the hinge's negatives pair image i with image i+1
-        raise EdgeError(f"batch size must be at least 2 for a contrastive step, got {batch_size}")
+def check_batch(batch_size: int, rule: Any = None) -> None:
+    lowest = getattr(rule, "min_batch", 2)  # in-batch negatives pair image i with image i+1
+    if batch_size < lowest:
+        raise EdgeError(f"batch size must be at least {lowest} for a contrastive step with "
+                        f"in-batch negatives, got {batch_size} (or use a memory of negatives)")
 
 
 def versions() -> dict[str, str]:
@@ -193,7 +195,7 @@ def step_graph(
     profile: str = "plain",
 ) -> tuple[onnx.ModelProto, Manifest]:
     """One whole training step as an ONNX model and its manifest."""
-    check_batch(batch_size)
+    check_batch(batch_size, getattr(rule, 'rule', rule))
     pnames, snames = list(params), list(state)
     inputs = {PARAMS + k: v.detach() for k, v in params.items()}
     inputs.update({STATE + k: v.detach() for k, v in state.items()})
@@ -243,7 +245,7 @@ def block_graphs(
     optimize: bool = True,
     profile: str = "plain",
 ) -> tuple[list[onnx.ModelProto], list[GraphIO]]:
-    check_batch(batch_size)
+    check_batch(batch_size, getattr(rule, 'rule', rule))
     if program.block is None:
         raise EdgeError(
             f"rule {rule.name!r} needs a whole-network context for its layer updates; "

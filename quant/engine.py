@@ -13,8 +13,9 @@ which the probe reads), `describe`.
 
 `step_factory(net, rule, plan, stores)` makes the function that replaces the integer step's
 executor once the plan exists (e.g. the exported integer graph on a runtime,
-`export.runner.integer_stepper`): called as step_fn(stores, x1_int8, x2_int8, noise, step),
-it returns (new stores, metrics). Random bits are drawn from the step's generator after its
+`export.runner.integer_stepper`): called as step_fn(stores, state, x1_int8, x2_int8, noise),
+it returns (new stores, new state, metrics); the state is the step counter and the rule's
+own (its negatives' memories). Random bits are drawn from the step's generator after its
 views, in sorted key order, so a run is reproducible from its seed whatever runs the step.
 """
 
@@ -32,7 +33,7 @@ from quant.calibrate import make_plan, qat_plan
 from quant.integer import (
     dequantize,
     integer_forward,
-    integer_step,
+    integer_step_state,
     make_noise,
     noise_shapes,
     quantize_input,
@@ -77,11 +78,12 @@ class QuantEngine:
         if self.mode == "qat":
             self.plan = qat_plan(self.net, self.rule, params, calib)
             self.params = {k: v.clone() for k, v in params.items()}
-            self.state = self.opt.init_state(self.params)
+            self.state = {**self.opt.init_state(self.params), **self.rule.init_state(self.net)}
             return
         self.plan, self.params = make_plan(self.net, self.rule, params, calib, self.quant,
                                            self.opt.lr)
-        self.state = {"step": torch.zeros((), dtype=torch.int64)}
+        self.state = {"step": torch.zeros((), dtype=torch.int64),
+                      **self.form.init_state(self.net, self.plan, self.params)}
         self._ready()
 
     def _ready(self) -> None:
@@ -103,11 +105,11 @@ class QuantEngine:
         q1, q2 = quantize_input(v1, self.plan.f_in), quantize_input(v2, self.plan.f_in)
         noise = make_noise(self._shapes, gen)
         if self.step_fn is not None:
-            self.params, metrics = self.step_fn(self.params, q1, q2, noise, self.state["step"])
+            self.params, self.state, metrics = self.step_fn(self.params, self.state, q1, q2,
+                                                            noise)
         else:
-            self.params, metrics = integer_step(self.net, self.form, self.plan, self.params,
-                                                q1, q2, noise, self.state["step"])
-        self.state = {"step": self.state["step"] + 1}
+            self.params, self.state, metrics = integer_step_state(
+                self.net, self.form, self.plan, self.params, self.state, q1, q2, noise)
         return metrics
 
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:

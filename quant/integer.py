@@ -148,11 +148,24 @@ def integer_step(
     rule's integer form (`rule.integer_form(net)`); noise: `make_noise` (keys and shapes
     `noise_shapes`). Metrics: loss (float, dequantized from the integer hinge), layer_loss.
     """
-    ex = IntegerExecutor(plan, noise, traced=traced)
+    if form.rule.negatives:
+        raise EdgeError("a rule with a memory of negatives carries step state: use "
+                        "integer_step_state")
     state = {"step": torch.zeros((), dtype=torch.int64) if step is None else step}
-    new, _, metrics = local_step(net, form, IntegerUpdate(plan), qparams, state,
-                                 QT(x1, plan.f_in), QT(x2, plan.f_in), ex=ex, noise=noise)
+    new, _, metrics = integer_step_state(net, form, plan, qparams, state, x1, x2, noise, traced)
     return new, metrics
+
+
+def integer_step_state(
+    net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor],
+    state: dict[str, Tensor], x1: Tensor, x2: Tensor, noise: dict[str, Tensor],
+    traced: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """`integer_step` with the step state in and out: the step counter and the rule's own
+    (`form.init_state`: e.g. the negatives' memories)."""
+    ex = IntegerExecutor(plan, noise, traced=traced)
+    return local_step(net, form, IntegerUpdate(plan), qparams, state, QT(x1, plan.f_in),
+                      QT(x2, plan.f_in), ex=ex, noise=noise)
 
 
 def noise_shapes(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor]
@@ -162,7 +175,7 @@ def noise_shapes(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Te
     the step asks for (found by running the step once on zeros)."""
     ex = IntegerExecutor(plan, record=True)
     x = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
-    state = {"step": torch.zeros((), dtype=torch.int64)}
+    state = {"step": torch.zeros((), dtype=torch.int64), **form.init_state(net, plan, qparams)}
     zeros = {k: torch.zeros(tuple(v.shape), dtype=torch.int32) for k, v in qparams.items()}
     with torch.no_grad():
         local_step(net, form, IntegerUpdate(plan), qparams, state, QT(x, plan.f_in),
@@ -201,4 +214,5 @@ def dequantize(y: QT) -> Tensor:
 
 
 __all__ = ["DTYPES", "EAGER", "IntegerExecutor", "IntegerUpdate", "dequantize", "integer_forward",
-           "integer_step", "make_noise", "noise_key", "noise_shapes", "quantize_input"]
+           "integer_step", "integer_step_state", "make_noise", "noise_key", "noise_shapes",
+           "quantize_input"]

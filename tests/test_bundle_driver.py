@@ -24,7 +24,7 @@ import torch
 from edge import rules
 from edge.nets import fold_batchnorm, preset
 from edge.optim import OptimConfig
-from edge.step import train_step
+from edge.step import init_state, train_step
 from export.bundle import SCRIPT, check_bundle, load_state, write_bundle
 from export.manifest import NOISE, PARAMS, STATE
 from export.runner import draw_noise
@@ -155,6 +155,12 @@ def build(seed: int = 0):
     return net, rule, params
 
 
+def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
+    """The integer step's first state: the counter and the rule's own."""
+    return {"step": torch.zeros((), dtype=torch.int64),
+            **rule.integer_form(net).init_state(net, plan, stores)}
+
+
 @pytest.fixture(scope="module")
 def float_views(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(3)
@@ -173,7 +179,7 @@ def int_bundle(tmp_path_factory):
     plan, stores = make_plan(net, rule, params, calib, "int8-w16", 1e-3)
     out = tmp_path_factory.mktemp("int")
     write_bundle(out, net, rule, integer_program(net, rule, plan, stores), stores,
-                 {"step": torch.zeros((), dtype=torch.int64)}, BATCH, per_layer=True)
+                 int_state(net, rule, plan, stores), BATCH, per_layer=True)
     return out, net, rule, plan
 
 
@@ -182,8 +188,8 @@ def fp32_bundle(tmp_path_factory):
     net, rule, params = build()
     opt = OptimConfig("sgd", lr=1e-2)
     out = tmp_path_factory.mktemp("fp32")
-    write_bundle(out, net, rule, fp32_program(net, rule, opt), params, opt.init_state(params),
-                 BATCH, per_layer=True)
+    write_bundle(out, net, rule, fp32_program(net, rule, opt), params,
+                 init_state(net, rule, opt, params), BATCH, per_layer=True)
     return out, net, rule, opt, params
 
 
@@ -238,7 +244,7 @@ def test_fp32_bundle_driver_equals_the_script_and_torch(fp32_bundle, float_views
     for per_block in (False, True):  # same graphs, same feeds, same runtime: same numbers
         for k, v in got["driver", per_block].items():
             np.testing.assert_array_equal(v, got["script", per_block][k], err_msg=k)
-    state, p, views = opt.init_state(params), dict(params), np.load(float_views)
+    state, p, views = init_state(net, rule, opt, params), dict(params), np.load(float_views)
     for s in range(STEPS):
         x1, x2 = (torch.from_numpy(v) for v in views[s % len(views)])
         p, state, _ = train_step(net, rule, opt, p, state, x1, x2)

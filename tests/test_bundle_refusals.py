@@ -27,6 +27,7 @@ from edge.app.cli import main
 from edge.errors import EdgeError
 from edge.nets import fold_batchnorm, preset
 from edge.optim import OptimConfig
+from edge.step import init_state
 from export.bundle import MANIFEST, STATE_FILE, check_bundle, write_bundle
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
@@ -46,13 +47,20 @@ def build():
     return net, rule, params
 
 
+def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
+    """The integer step's first state: the counter and the rule's own."""
+    return {"step": torch.zeros((), dtype=torch.int64),
+            **rule.integer_form(net).init_state(net, plan, stores)}
+
+
 @pytest.fixture(scope="module")
 def fp32_bundle(tmp_path_factory) -> Path:
     net, rule, params = build()
     opt = OptimConfig("adamw", lr=1e-3)
     out = tmp_path_factory.mktemp("fp32")
-    write_bundle(out, net, rule, fp32_program(net, rule, opt), params, opt.init_state(params),
-                 BATCH, per_layer=True, normalisation=((0.5,), (0.25,)))
+    write_bundle(out, net, rule, fp32_program(net, rule, opt), params,
+                 init_state(net, rule, opt, params), BATCH, per_layer=True,
+                 normalisation=((0.5,), (0.25,)))
     return out
 
 
@@ -64,7 +72,7 @@ def int_bundle(tmp_path_factory) -> Path:
     plan, stores = make_plan(net, rule, params, calib, "int8-w16", 1e-3)
     out = tmp_path_factory.mktemp("int")
     write_bundle(out, net, rule, integer_program(net, rule, plan, stores), stores,
-                 {"step": torch.zeros((), dtype=torch.int64)}, BATCH, per_layer=True)
+                 int_state(net, rule, plan, stores), BATCH, per_layer=True)
     return out
 
 
@@ -366,17 +374,26 @@ def test_state_with_an_extra_array(fp32_bundle, tmp_path):
 # ------------------------------------------------------------------ the CLI
 
 
-def test_cli_check_refusal_is_exit_2_and_one_line(fp32_bundle, tmp_path, capsys):
-    def swap(d):
-        binding(d, "new_state/m.enc.0.0.w")["input"] = "state/v.enc.0.0.w"
-        binding(d, "new_state/v.enc.0.0.w")["input"] = "state/m.enc.0.0.w"
+def _swap_moments(d: dict) -> None:
+    binding(d, "new_state/m.enc.0.0.w")["input"] = "state/v.enc.0.0.w"
+    binding(d, "new_state/v.enc.0.0.w")["input"] = "state/m.enc.0.0.w"
 
-    copy = edited(fp32_bundle, tmp_path, swap)
+
+@pytest.mark.parametrize("edit, digest, message", [
+    (_swap_moments, True, "error: train_step.onnx: binding new_state/m.enc.0.0.w -> "
+                          "state/v.enc.0.0.w: an output must feed the input of its own name"),
+    (lambda d: d.update(batch_size=BATCH // 2), False,
+     "error: manifest.json does not match its manifest_sha256"),
+    (lambda d: d.pop("optimizer"), True, "error: manifest lacks the field 'optimizer'"),
+], ids=["swapped", "batch-size", "partial"])
+def test_cli_refusal_is_exit_2_and_one_line(fp32_bundle, tmp_path, capsys, edit, digest,
+                                            message):
+    copy = edited(fp32_bundle, tmp_path, edit, digest=digest)
     for argv in (["export", "--check", str(copy)],
                  ["simulate", "--bundle", str(copy), "--target", "host"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("error: train_step.onnx: binding new_state/m.enc.0.0.w"), err
+        assert err.startswith(message), err
         assert err.count("\n") == 1, err

@@ -25,6 +25,7 @@ from edge.app.cli import main
 from edge.errors import EdgeError
 from edge.nets import encode, fold_batchnorm, preset
 from edge.optim import OptimConfig
+from edge.step import init_state
 from export.bundle import (
     MANIFEST,
     RECORD_KEY,
@@ -57,13 +58,19 @@ def build():
     return net, rule, params
 
 
+def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
+    """The integer step's first state: the counter and the rule's own."""
+    return {"step": torch.zeros((), dtype=torch.int64),
+            **rule.integer_form(net).init_state(net, plan, stores)}
+
+
 @pytest.fixture(scope="module")
 def fp32_bundle(tmp_path_factory):
     net, rule, params = build()
     opt = OptimConfig("adamw", lr=1e-3)
     out = tmp_path_factory.mktemp("fp32")
     manifest = write_bundle(out, net, rule, fp32_program(net, rule, opt), params,
-                            opt.init_state(params), BATCH, target={"name": "host"},
+                            init_state(net, rule, opt, params), BATCH, target={"name": "host"},
                             per_layer=True, normalisation=NORM)
     return out, manifest, opt, params
 
@@ -76,7 +83,7 @@ def int_bundle(tmp_path_factory):
     plan, stores = make_plan(net, rule, params, calib, "int8-w16", 1e-3)
     out = tmp_path_factory.mktemp("int")
     manifest = write_bundle(out, net, rule, integer_program(net, rule, plan, stores), stores,
-                            {"step": torch.zeros((), dtype=torch.int64)}, BATCH,
+                            int_state(net, rule, plan, stores), BATCH,
                             per_layer=True, normalisation=NORM)
     return out, manifest, plan, stores
 
@@ -122,7 +129,7 @@ def test_every_input_is_bound_or_defined_by_feeds(any_bundle):
     noise = bits["inputs"] if bits else []
     for i, io in enumerate([d["step"], *d["layers"]]):
         bound = {b["input"] for b in io["bindings"]}
-        if i > 1:  # state/step: bound by the last block graph, read by every one
+        if i >= 1:  # state/step: bound by the last block graph, read by every one
             bound.add("state/step")
         views = feeds["views"]["inputs"] if i <= 1 else [feeds["chain"]["input"]]
         for t in io["inputs"]:
@@ -233,7 +240,7 @@ def test_script_refuses_views_of_the_wrong_shape(fp32_bundle, tmp_path):
 def test_write_refuses_a_foreign_directory_and_bad_normalisation(tmp_path):
     net, rule, params = build()
     opt = OptimConfig("sgd")
-    program, state = fp32_program(net, rule, opt), opt.init_state(params)
+    program, state = fp32_program(net, rule, opt), init_state(net, rule, opt, params)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(EdgeError, match="not empty and holds no bundle"):
         write_bundle(tmp_path, net, rule, program, params, state, BATCH)
@@ -245,7 +252,7 @@ def test_write_refuses_a_foreign_directory_and_bad_normalisation(tmp_path):
 def test_rewriting_a_bundle_drops_its_stale_block_graphs(tmp_path):
     net, rule, params = build()
     opt = OptimConfig("sgd")
-    program, state = fp32_program(net, rule, opt), opt.init_state(params)
+    program, state = fp32_program(net, rule, opt), init_state(net, rule, opt, params)
     write_bundle(tmp_path, net, rule, program, params, state, BATCH, per_layer=True)
     manifest = write_bundle(tmp_path, net, rule, program, params, state, BATCH)
     assert not (tmp_path / "layers").exists() and manifest.layers == ()

@@ -36,7 +36,7 @@ def test_registry_lists_every_rule_with_a_description() -> None:
 def test_unknown_rule_and_bad_hparams_are_one_line_errors() -> None:
     with pytest.raises(EdgeError, match="valid: clapp, clapp\\+\\+"):
         rules.get("nope")
-    with pytest.raises(EdgeError, match="rule 'clapp' has no hyper-parameter 'pool'; valid: none"):
+    with pytest.raises(EdgeError, match="rule 'clapp' has no hyper-parameter 'pool'; valid: negatives"):
         rules.get("clapp", pool=2)  # the 2021 rule pools globally: no kernel to choose
     with pytest.raises(EdgeError, match="no hyper-parameter 'nosuchkey'; valid: pool, predictor"):
         rules.get("clapp++", nosuchkey=1)
@@ -125,7 +125,7 @@ def test_ff_on_a_linear_net() -> None:
     params = net.init_params(torch.Generator().manual_seed(0))
     x1, x2 = views()
     y, saved = net.blocks[0].forward(EAGER, 0, params, rule.inputs(x1, x2))
-    loss, gy, _ = rule.output_grads(0, EAGER, y, params, None)
+    loss, gy, _, _ = rule.output_grads(0, EAGER, y, params, None)
     grads = net.blocks[0].adjoint(EAGER, 0, params, saved, gy)
     assert grads["enc.0.1.w"].shape == (16, 64) and torch.isfinite(loss)
 

@@ -71,6 +71,9 @@ def train(
     ] = [],  # noqa: B006
     views: Annotated[str | None, typer.Option(
         help="View augmentation preset (default: the data set's).")] = None,
+    negatives: Annotated[str, typer.Option(
+        help="batch (image i+1 of the batch) | memory:K (the last K codes; works at batch 1).")]
+    = "batch",
     probe_layers: Annotated[str, typer.Option(help="Probe features: all | last.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and views.")] = 0,
     device: Annotated[str, typer.Option(help="torch device for the step: cpu | cuda.")] = "cpu",
@@ -111,7 +114,8 @@ def train(
         rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
         rule_hparams=parse_hparams(hp), probe_layers=probe_layers, quant=quant, mode=mode,
-        views=views, device=device, runtime=runtime, profile=profile, per_layer=per_layer,
+        views=views, negatives=negatives, device=device, runtime=runtime, profile=profile,
+        per_layer=per_layer,
         alignment=alignment, alignment_every=alignment_every,
     )
     from edge.app.train import train as run

@@ -45,6 +45,7 @@ class TrainConfig:
     quant: str = "fp32"  # fp32 | int8 | int8-w16
     mode: str = "integer"  # qat | integer (ignored for fp32)
     views: str | None = None  # augmentation preset; None: the data set's default
+    negatives: str = "batch"  # "batch" (image i+1 of the batch) | "memory:K" (K past codes)
     device: str = "cpu"  # where the step runs; not part of the run's identity
     runtime: str = "torch"  # what executes the step; recorded, not part of the identity
     profile: str | None = None  # operator profile of an exported step (runtime != torch)
@@ -71,6 +72,7 @@ class TrainConfig:
                 raise EdgeError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
                                 f"valid: {', '.join(valid)}")
         check_device(self.device)
+        self.memory_size()  # validates the form
         if self.quant != "fp32" and self.alignment:
             raise EdgeError("--alignment needs float weights; drop it or use --quant fp32")
         if self.runtime != "torch" and self.device != "cpu":
@@ -87,6 +89,16 @@ class TrainConfig:
         if self.runtime != "torch" and self.alignment:
             raise EdgeError("--alignment measures the torch step; drop it or use --runtime "
                             "torch")
+
+    def memory_size(self) -> int:
+        """K of `--negatives memory:K` (0 for in-batch negatives)."""
+        if self.negatives == "batch":
+            return 0
+        kind, _, k = self.negatives.partition(":")
+        if kind != "memory" or not k.isdigit() or int(k) < 1:
+            raise EdgeError(f"--negatives must be 'batch' or 'memory:K' with K >= 1, got "
+                            f"{self.negatives!r}")
+        return int(k)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

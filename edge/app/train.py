@@ -38,7 +38,7 @@ from edge.errors import EdgeError, Interrupted
 from edge.nets import NetSpec, default_preset, encode, fold_batchnorm, resolve
 from edge.optim import OptimConfig
 from edge.probe import probe_accuracy
-from edge.step import train_step
+from edge.step import init_state, train_step
 
 RESULT = "result.json"
 
@@ -55,10 +55,23 @@ def optim(cfg: TrainConfig) -> OptimConfig:
     return OptimConfig(cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def make_rule(cfg: TrainConfig) -> Any:
+    """The rule with its hyper-parameters, `--negatives memory:K` included."""
+    hp = dict(cfg.rule_hparams)
+    k = cfg.memory_size()
+    if k:
+        if "negatives" not in rules.hparam_keys(cfg.rule):
+            raise EdgeError(f"--negatives memory:K: rule {cfg.rule!r} takes its negatives from "
+                            "the batch only; the CLAPP family (clapp, clapp++, clapp++dfb, "
+                            "clapp++both) takes a memory")
+        hp["negatives"] = k
+    return rules.get(cfg.rule, **hp)
+
+
 def build(cfg: TrainConfig, in_shape: tuple[int, ...]) -> tuple[NetSpec, Any, dict]:
     """(network with BatchNorm folded, rule, initial parameters drawn from cfg.seed)."""
     net = resolve(cfg.net or default_preset(cfg.data), in_shape, cfg.width)
-    rule = rules.get(cfg.rule, **cfg.rule_hparams)
+    rule = make_rule(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = net.init_params(gen)
     net, params = fold_batchnorm(net, params)
@@ -79,11 +92,11 @@ class FloatEngine:
         self.make_step, self.device = step_fn, torch.device(device)
 
     def bind(self, net: NetSpec, rule, opt: OptimConfig) -> None:
-        self.net, self.opt = net, opt
+        self.net, self.rule, self.opt = net, rule, opt
         self.step_fn = self.make_step or functools.partial(train_step, net, rule, opt)
 
     def start(self, params: dict, calib: list) -> None:
-        self.resume(params, self.opt.init_state(params), {})
+        self.resume(params, init_state(self.net, self.rule, self.opt, params), {})
 
     def step(self, v1: torch.Tensor, v2: torch.Tensor, gen: torch.Generator) -> dict:
         new_params, new_state, metrics = self.step_fn(self.params, self.state, v1, v2,
@@ -177,7 +190,7 @@ def train(
     ds = load(cfg.data, data_dir, cfg.subset)
     if init is not None:
         net, params0 = fold_batchnorm(*init)
-        rule = rules.get(cfg.rule, **cfg.rule_hparams)
+        rule = make_rule(cfg)
         rule.check(net)
         params0 = {**params0, **rule.init(net, torch.Generator().manual_seed(cfg.seed))}
     else:
@@ -194,9 +207,9 @@ def train(
     n = x_all.shape[0]
     if n < cfg.batch_size:
         raise EdgeError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
-    if cfg.batch_size < 2:
-        raise EdgeError("--batch-size 1 has no in-batch negative for a contrastive step; use "
-                        "--batch-size 2 or more")
+    if cfg.batch_size < getattr(rule, "min_batch", 2):
+        raise EdgeError(f"--batch-size {cfg.batch_size} has no in-batch negative for "
+                        f"{cfg.rule}; use --batch-size 2 or more, or --negatives memory:K")
     steps = n // cfg.batch_size  # drop the last partial batch: static shapes for export
     views = view_config(cfg.views or "edge", ds)
     start, history = 0, []

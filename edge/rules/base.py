@@ -11,7 +11,10 @@ internals, and no activation outlives its block.
     init(net, gen) -> params         the rule's own trainable parameters (`rule.{i}.*`)
     inputs(x1, x2) -> x              the stacked streams the step runs (default: both views)
     context(net, ex, params, x)      what the block updates need from a forward pass first
-    output_grads(i, ex, y, params, ctx) -> (loss, dL/dy, {rule param: gradient})
+    output_grads(i, ex, y, params, ctx, state) -> (loss, dL/dy, {rule param: gradient},
+                                     {rule state: its new value})
+    init_state(net) -> {name: Tensor}  the rule's own step state (e.g. a memory of past codes
+                                     for negatives), carried like the optimizer's
     next_input(i, y)                 what block i hands block i+1 (default: y)
     layer_loss(i, y, params, ctx)    the same loss as a differentiable expression (tests
                                      check the closed form against autograd of it)
@@ -64,14 +67,24 @@ class LocalRule:
         return None
 
     def output_grads(
-        self, i: int, ex, y: Tensor, params: dict[str, Tensor], ctx: Any
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        self, i: int, ex, y: Tensor, params: dict[str, Tensor], ctx: Any,
+        state: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         raise NotImplementedError
+
+    def init_state(self, net: NetSpec) -> dict[str, Tensor]:
+        return {}
+
+    @property
+    def min_batch(self) -> int:
+        """The smallest batch the rule's negatives allow."""
+        return 2
 
     def next_input(self, i: int, y: Tensor) -> Tensor:
         return y
 
-    def layer_loss(self, i: int, y: Tensor, params: dict[str, Tensor], ctx: Any) -> Tensor:
+    def layer_loss(self, i: int, y: Tensor, params: dict[str, Tensor], ctx: Any,
+                   state: dict[str, Tensor] | None = None) -> Tensor:
         raise NotImplementedError
 
     def hparams(self) -> dict[str, Any]:

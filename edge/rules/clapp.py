@@ -24,5 +24,11 @@ class Clapp(HingeRule):
     terms = (("", "same"),)
     predictor = "full"
 
+    def __init__(self, negatives: int = 0):
+        self._set_negatives(negatives)
+
+    def hparams(self):
+        return {"negatives": self.negatives}
+
     def code_kernel(self, i, shape, n_blocks):
         return None

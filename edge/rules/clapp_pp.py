@@ -31,16 +31,19 @@ class ClappPP(HingeRule):
     terms = (("", "same"),)
 
     def __init__(
-        self, pool: int | list[int] | None = None, predictor: str = "auto", rank: int = 64
+        self, pool: int | list[int] | None = None, predictor: str = "auto", rank: int = 64,
+        negatives: int = 0,
     ):
         if predictor not in PREDICTORS:
             raise EdgeError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
         if rank < 1:
             raise EdgeError(f"predictor rank must be positive, got {rank}")
         self.pool, self.predictor, self.rank = pool, predictor, rank
+        self._set_negatives(negatives)
 
     def hparams(self) -> dict[str, Any]:
-        return {"pool": self.pool, "predictor": self.predictor, "rank": self.rank}
+        return {"pool": self.pool, "predictor": self.predictor, "rank": self.rank,
+                "negatives": self.negatives}
 
     def code_kernel(self, i, shape, n_blocks):
         k = self.pool

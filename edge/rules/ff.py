@@ -128,12 +128,12 @@ class ForwardForward(LocalRule):
         dims = tuple(range(1, y.dim()))
         return y / (y.pow(2).mean(dims, keepdim=True) + EPS).sqrt()
 
-    def output_grads(self, i, ex, y, params, ctx):
+    def output_grads(self, i, ex, y, params, ctx, state=None):
         n = y.shape[0] // 3
         loss, dgs = self._loss_and_dg(list(goodness(y).split(n)))
         dg = torch.cat(dgs) / n
         gy = dg.view(-1, *([1] * (y.dim() - 1))) * (2 / y[0].numel()) * y
-        return loss, gy, {}
+        return loss, gy, {}, {}
 
     def _loss_and_dg(self, g: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The loss from the goodness of the three streams (views 1, 2, negatives) and, per
@@ -149,6 +149,6 @@ class ForwardForward(LocalRule):
         d1, d2 = 0.5 * a * torch.sigmoid(m1), 0.5 * a * torch.sigmoid(m2)
         return loss, [-d1, -d2, d1 + d2]
 
-    def layer_loss(self, i, y, params, ctx):
+    def layer_loss(self, i, y, params, ctx, state=None):
         n = y.shape[0] // 3
         return self._loss_and_dg(list(goodness(y).split(n)))[0]

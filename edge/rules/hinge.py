@@ -33,6 +33,16 @@ step). Its integer form (`IntHinge`) runs the same terms in integer arithmetic:
 Every requant_8 rounds half to even, clips to [-127, 127], and takes its exponent from the
 plan (calibrated: the maximum over the calibration batch, one bit of headroom). The 1/(2N)
 and the code's 1/k^2 live in the gradients' static factors, never in the integers.
+
+Negatives from memory (`negatives=K`, for batch 1 and streams). Instead of image i+1 of the
+batch, the negative context of every anchor comes from a FIFO of the last K context codes:
+`mem.rule.{i}.z` (K x D) per block for same-block terms, `mem.rule.top` (K x Dc) for
+feedback terms, both step state (inputs and outputs of an exported step, bound to each
+other). Anchor i of a batch takes entry i mod K, oldest first: at batch 1 the negative is the
+sample seen K steps back (K = 1: the previous sample, as in the original time-contrastive
+CLAPP). After the step the batch's view-2 codes are pushed, the oldest dropped. Entries start
+at zero, and a zero context is inert: its prediction B 0 = 0 moves nothing until real codes
+replace it. The loss keeps its form: one positive and one negative per anchor.
 """
 
 from __future__ import annotations
@@ -85,36 +95,51 @@ def predict(P: dict[str, Tensor], c: Tensor) -> Tensor:
     return (c @ P["V"]) @ P["U"].t()
 
 
-def _pairs(z1: Tensor, z2: Tensor, q1: Tensor, q2: Tensor):
-    """(anchor, prediction) for the four terms: pos/neg for each view as anchor."""
-    return (
-        (z1, q2, 1.0),
-        (z1, torch.roll(q2, -1, 0), -1.0),
-        (z2, q1, 1.0),
-        (z2, torch.roll(q1, -1, 0), -1.0),
-    )
+def negative_rows(mem: Tensor, n: int) -> Tensor:
+    """The memory entries the n anchors of a batch take as negatives: row i mod K."""
+    k = int(mem.shape[0])
+    idx = [i % k for i in range(n)]
+    return mem[idx[0] : idx[0] + 1] if n == 1 else mem[torch.tensor(idx)]
 
 
-def hinge_loss(z1: Tensor, z2: Tensor, c1: Tensor, c2: Tensor, P: dict[str, Tensor]) -> Tensor:
+def push(mem: Tensor, codes: Tensor) -> Tensor:
+    """The FIFO after the step: the newest codes appended, the oldest dropped."""
+    k = int(mem.shape[0])
+    return torch.cat((mem, codes.detach().to(mem.dtype)))[-k:]
+
+
+def _quads(z1, z2, c1, c2, neg1, neg2):
+    """(anchor, context, sign, view) of the four terms: pos/neg for each view as anchor; the
+    negative contexts are the batch rolled by one unless given (memory)."""
+    neg1 = torch.roll(c2, -1, 0) if neg1 is None else neg1
+    neg2 = torch.roll(c1, -1, 0) if neg2 is None else neg2
+    return ((z1, c2, 1.0, 0), (z1, neg1, -1.0, 0), (z2, c1, 1.0, 1), (z2, neg2, -1.0, 1))
+
+
+def hinge_loss(z1: Tensor, z2: Tensor, c1: Tensor, c2: Tensor, P: dict[str, Tensor],
+               neg1: Tensor | None = None, neg2: Tensor | None = None) -> Tensor:
     """The loss as a plain expression (differentiable; the reference for the closed form)."""
-    q1, q2 = predict(P, c1), predict(P, c2)
     n = z1.shape[0]
-    total = sum(F.relu(1 - sign * (z * q).sum(1)).sum() for z, q, sign in _pairs(z1, z2, q1, q2))
+    total = sum(F.relu(1 - sign * (z * predict(P, c)).sum(1)).sum()
+                for z, c, sign, _ in _quads(z1, z2, c1, c2, neg1, neg2))
     return total / (2 * n)
 
 
 def hinge_grads(
-    z1: Tensor, z2: Tensor, c1: Tensor, c2: Tensor, P: dict[str, Tensor]
+    z1: Tensor, z2: Tensor, c1: Tensor, c2: Tensor, P: dict[str, Tensor],
+    neg1: Tensor | None = None, neg2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """Loss, dL/dz1, dL/dz2 and dL/dP in closed form."""
-    q1, q2 = predict(P, c1), predict(P, c2)
     n = z1.shape[0]
     s = 1.0 / (2 * n)
     loss = z1.new_zeros(())
     gz = [torch.zeros_like(z1), torch.zeros_like(z2)]
     anchors, contexts = [], []
-    ctx_of = ((c2, 0), (torch.roll(c2, -1, 0), 0), (c1, 1), (torch.roll(c1, -1, 0), 1))
-    for (z, q, sign), (c, view) in zip(_pairs(z1, z2, q1, q2), ctx_of, strict=True):
+    q1, q2 = predict(P, c1), predict(P, c2)
+    quads = _quads(z1, z2, c1, c2, neg1, neg2)
+    preds = (q2, torch.roll(q2, -1, 0) if neg1 is None else predict(P, neg1),
+             q1, torch.roll(q1, -1, 0) if neg2 is None else predict(P, neg2))
+    for (z, c, sign, view), q in zip(quads, preds, strict=True):
         margin = 1 - sign * (z * q).sum(1)
         loss = loss + F.relu(margin).sum() * s
         m = -sign * s * (margin > 0).to(z.dtype)  # dL/du: the modulating factor
@@ -136,6 +161,32 @@ class HingeRule(LocalRule):
     terms: ClassVar[tuple[Term, ...]] = (("", "same"),)
     predictor: str = "full"
     rank: int = 64
+    negatives: int = 0  # K: negatives from a memory of K past codes (0: the batch's images)
+
+    def _set_negatives(self, negatives: int) -> None:
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+            raise EdgeError(f"negatives must be a memory size K >= 0 (0: in-batch), got "
+                            f"{negatives!r}")
+        self.negatives = negatives
+
+    @property
+    def min_batch(self) -> int:
+        return 1 if self.negatives else 2
+
+    def mem_key(self, i: int, kind: str) -> str:
+        return f"mem.rule.{i}.z" if kind == "same" else "mem.rule.top"
+
+    def init_state(self, net: NetSpec) -> dict[str, Tensor]:
+        """The negatives' memories (zeros: inert until filled), if `memory`."""
+        self.check(net)
+        if not self.negatives:
+            return {}
+        out = {}
+        for i in range(len(self.codes)):
+            for _, kind in self.terms:
+                dim = self.codes[-1 if kind == "top" else i].dim
+                out[self.mem_key(i, kind)] = torch.zeros(self.negatives, dim)
+        return out
 
     def code_kernel(self, i: int, shape: tuple[int, ...], n_blocks: int) -> int | None:
         """Average-pool kernel of block i's code; None: the global average."""
@@ -193,7 +244,26 @@ class HingeRule(LocalRule):
     def _contexts(self, kind: str, z: Tensor, ctx: Any) -> Tensor:
         return z.detach() if kind == "same" else ctx
 
-    def output_grads(self, i, ex, y, params, ctx):
+    def _negatives(self, i: int, kind: str, n: int, state) -> Tensor | None:
+        if not self.negatives:
+            return None
+        return negative_rows(state[self.mem_key(i, kind)], n)
+
+    def _pushed(self, i: int, z: Tensor, ctx: Any, state, n_blocks: int) -> dict[str, Tensor]:
+        """The memories after block i: its own view-2 codes (same terms); the top's once,
+        at the top block (feedback terms)."""
+        if not self.negatives:
+            return {}
+        out, n = {}, z.shape[0] // 2
+        for _, kind in self.terms:
+            key = self.mem_key(i, kind)
+            if kind == "same":
+                out[key] = push(state[key], z[n:])
+            elif i == n_blocks - 1:
+                out[key] = push(state[key], ctx[n:])
+        return out
+
+    def output_grads(self, i, ex, y, params, ctx, state=None):
         code = self.codes[i]
         z, zs = code.forward(ex, y)
         n = z.shape[0] // 2
@@ -201,12 +271,14 @@ class HingeRule(LocalRule):
         for prefix, kind in self.terms:
             c = self._contexts(kind, z, ctx)
             P = self._pred(i, prefix, params, ex)
-            term, g1, g2, gP = hinge_grads(z[:n], z[n:], c[:n], c[n:], P)
+            neg = self._negatives(i, kind, n, state)
+            term, g1, g2, gP = hinge_grads(z[:n], z[n:], c[:n], c[n:], P, neg, neg)
             loss, gz1, gz2 = loss + term, gz1 + g1, gz2 + g2
             grads.update({f"rule.{i}.{prefix}{k}": g for k, g in gP.items()})
-        return loss, code.adjoint(ex, zs, torch.cat((gz1, gz2))), grads
+        new = self._pushed(i, z, ctx, state, len(self.codes))
+        return loss, code.adjoint(ex, zs, torch.cat((gz1, gz2))), grads, new
 
-    def layer_loss(self, i, y, params, ctx):
+    def layer_loss(self, i, y, params, ctx, state=None):
         from edge.layers import EAGER
 
         z = self.codes[i].forward(EAGER, y)[0]
@@ -214,7 +286,9 @@ class HingeRule(LocalRule):
         total = z.new_zeros(())
         for prefix, kind in self.terms:
             c = self._contexts(kind, z, ctx)
-            total = total + hinge_loss(z[:n], z[n:], c[:n], c[n:], self._pred(i, prefix, params))
+            neg = self._negatives(i, kind, n, state)
+            total = total + hinge_loss(z[:n], z[n:], c[:n], c[n:], self._pred(i, prefix, params),
+                                       neg, neg)
         return total
 
     def integer_form(self, net: NetSpec) -> IntHinge:
@@ -267,12 +341,41 @@ class IntHinge:
         q = requant8(ex, key + "q", QT(intops.int_matmul(t.t, P["U"].t.t()), t.f + P["U"].f))
         return q, t
 
-    def output_grads(self, i, ex, y: QT, params, ctx):
+    def init_state(self, net: NetSpec, plan: Any, stores: dict[str, Tensor]
+                   ) -> dict[str, Tensor]:
+        """The negatives' memories as 8-bit codes (zeros) in each code's own dtype."""
+        rule = self.rule
+        if not rule.negatives:
+            return {}
+        from quant.integer import integer_forward  # noqa: PLC0415 - only the dtypes
+
+        zeros = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
+        with torch.no_grad():
+            ys = integer_forward(net, plan, stores, zeros)
+        from edge.layers import EAGER
+
+        dtypes = [rule.codes[i].int_forward(EAGER, y)[0].t.dtype for i, y in enumerate(ys)]
+        out = {}
+        for i in range(len(rule.codes)):
+            for _, kind in rule.terms:
+                j = -1 if kind == "top" else i
+                out[rule.mem_key(i, kind)] = torch.zeros(rule.negatives, rule.codes[j].dim,
+                                                         dtype=dtypes[j])
+        return out
+
+    def _memory(self, key: str, like: Tensor, state) -> Tensor:
+        """A memory, or inert zeros where the state has none (calibration)."""
+        if state is not None and key in state:
+            return state[key]
+        return torch.zeros((self.rule.negatives, int(like.shape[1])), dtype=like.dtype)
+
+    def output_grads(self, i, ex, y: QT, params, ctx, state=None):
         code = self.rule.codes[i]
         z, zs = code.int_forward(ex, y)
         n = z.t.shape[0] // 2
         z1, z2 = z.t[:n], z.t[n:]
         grads: dict[str, QT] = {}
+        new_state: dict[str, Tensor] = {}
         loss = torch.zeros((), dtype=torch.float64)
         parts = []  # (gz per view (2N, D) int64, its exponent)
         for prefix, kind in self.rule.terms:
@@ -282,8 +385,21 @@ class IntHinge:
             q, t = self._predict(ex, key, P, c)
             q1, q2 = q.t[:n], q.t[n:]
             c1, c2 = c.t[:n], c.t[n:]
+            if self.rule.negatives:  # negatives: memory entries i mod K, the same for both views
+                mkey = self.rule.mem_key(i, kind)
+                mem = self._memory(mkey, c.t, state)
+                neg = negative_rows(mem, n)
+                qn, tn = self._predict(ex, key, P, QT(neg, c.f))
+                nq1 = nq2 = qn.t
+                nc1 = nc2 = neg
+                nt1 = nt2 = None if tn is None else tn.t
+                if kind == "same" or i == len(self.rule.codes) - 1:
+                    new_state[mkey] = push(mem, c2)
+            else:
+                nq1, nq2, nc1, nc2 = _roll(q2), _roll(q1), _roll(c2), _roll(c1)
+                nt1 = nt2 = None
             thr, unit = threshold(z.f + q.f)
-            anchors, preds = (z1, z1, z2, z2), (q2, _roll(q2), q1, _roll(q1))
+            anchors, preds = (z1, z1, z2, z2), (q2, nq1, q1, nq2)
             gz = [torch.zeros(intops.dims(z1), dtype=torch.int64) for _ in range(2)]
             signs, term_loss = [], torch.zeros((), dtype=torch.int64)
             for j, (a, p) in enumerate(zip(anchors, preds, strict=True)):
@@ -298,7 +414,7 @@ class IntHinge:
             loss = loss + term_loss.to(torch.float64) / (thr * 2 * n)
             parts.append((torch.cat(gz), q.f))
             M = torch.cat(signs)[:, None]
-            C = torch.cat((c2, _roll(c2), c1, _roll(c1)))
+            C = torch.cat((c2, nc1, c1, nc2))
             s = 1.0 / (2 * n)
             if "B" in P:  # A^T C = (rows m = +1)^T C - (rows m = -1)^T C, 8-bit operands
                 act = [intops.narrow(intops.widen(a) * m.abs()[:, None], a.dtype)
@@ -312,7 +428,9 @@ class IntHinge:
             else:  # A U = m (Z U) and A^T T = Z^T (m T): the sign moves onto an 8-bit factor
                 Z = torch.cat(anchors)
                 t1, t2 = t.t[:n], t.t[n:]
-                T = torch.cat((t2, _roll(t2), t1, _roll(t1)))
+                if nt1 is None:
+                    nt1, nt2 = _roll(t2), _roll(t1)
+                T = torch.cat((t2, nt1, t1, nt2))
                 au = requant8(ex, key + "au", QT(M * intops.int_matmul(Z, P["U"].t),
                                                  z.f + P["U"].f), headroom=0)
                 mt = intops.narrow(M * intops.widen(T), torch.int8)
@@ -328,4 +446,4 @@ class IntHinge:
         shift = math.ceil(math.log2(sum(2 * 2 ** (top - f) for _, f in parts)))
         e = intops.stochastic_shift(gz, shift, ex.noise(f"err.{i}.z", gz))
         e = QT(intops.saturate(e, -127, 127).to(torch.int32), top - shift, 1.0 / (2 * n))
-        return loss.float(), code.int_adjoint(ex, zs, e), grads
+        return loss.float(), code.int_adjoint(ex, zs, e), grads, new_state

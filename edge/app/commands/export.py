@@ -121,7 +121,10 @@ def export_cmd(
     require_local(learning_rule)
     opt = optim(cfg)
     if quant == "fp32":
-        program, state = fp32_program(spec, learning_rule, opt), opt.init_state(params)
+        from edge.step import init_state
+
+        program = fp32_program(spec, learning_rule, opt)
+        state = init_state(spec, learning_rule, opt, params)
     else:
         from quant.calibrate import make_plan
 
@@ -130,10 +133,18 @@ def export_cmd(
         program = integer_program(spec, learning_rule, plan, params)
         import torch
 
-        state = {"step": torch.zeros((), dtype=torch.int64)}
+        state = {"step": torch.zeros((), dtype=torch.int64),
+                 **learning_rule.integer_form(spec).init_state(spec, plan, params)}
     assert out is not None
+    if ds is None and data in IN_SHAPES and data != "digits":
+        ds = None  # a known data set's statistics need its files: only loaded when present
+    if ds is None and data == "digits":
+        from edge.data import load
+
+        ds = load(data)
     manifest = write_bundle(out, spec, learning_rule, program, params, state, batch_size,
-                            target=tgt, per_layer=per_layer)
+                            target=tgt, per_layer=per_layer,
+                            normalisation=(ds.mean, ds.std) if ds is not None else None)
     profile_bundle(out, profile)
     result = {"bundle": str(out), **summary(manifest), "profile": profile,
               "warnings": _target_warnings(tgt, manifest.quant)}

@@ -57,7 +57,9 @@ def program_for(cfg: TrainConfig, batch: int):
     require_local(rule)
     opt = optim(cfg)
     if cfg.quant == "fp32":
-        return net, rule, fp32_program(net, rule, opt), params, opt.init_state(params)
+        from edge.step import init_state
+
+        return net, rule, fp32_program(net, rule, opt), params, init_state(net, rule, opt, params)
     if cfg.mode != "integer":
         raise EdgeError("--mode qat steps are fp32 graphs; simulate --quant fp32, or --mode "
                         "integer for the integer step")
@@ -67,8 +69,9 @@ def program_for(cfg: TrainConfig, batch: int):
     views = [(torch.randn(batch, *shape, generator=gen), torch.randn(batch, *shape,
                                                                      generator=gen))]
     plan, stores = make_plan(net, rule, params, views, cfg.quant, opt.lr)
-    return (net, rule, integer_program(net, rule, plan, stores), stores,
-            {"step": torch.zeros((), dtype=torch.int64)})
+    state = {"step": torch.zeros((), dtype=torch.int64),
+             **rule.integer_form(net).init_state(net, plan, stores)}
+    return net, rule, integer_program(net, rule, plan, stores), stores, state
 
 
 def from_rule(cfg: TrainConfig, batch: int, profile: str = "plain"

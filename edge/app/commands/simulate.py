@@ -162,9 +162,6 @@ def simulate_cmd(
 
         cfg = TrainConfig(rule=rule, data=data, net=net, width=width, quant=quant, mode=mode,
                           optimizer=optimizer, rule_hparams=parse_hparams(hp))
-        if batch is not None and batch < 2:
-            raise EdgeError("--batch must be at least 2 for a rule (negatives come from the "
-                            "batch)")
         batch = batch or 32
     elif quant != "fp32" or per_layer or hp:
         raise EdgeError("--quant, --mode, --hp and --per-layer describe a --rule's step; a "
