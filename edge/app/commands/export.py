@@ -136,12 +136,15 @@ def export_cmd(
         state = {"step": torch.zeros((), dtype=torch.int64),
                  **learning_rule.integer_form(spec).init_state(spec, plan, params)}
     assert out is not None
-    if ds is None and data in IN_SHAPES and data != "digits":
-        ds = None  # a known data set's statistics need its files: only loaded when present
-    if ds is None and data == "digits":
+    if ds is None:  # the views' normalisation for the manifest, when the files are at hand
         from edge.data import load
 
-        ds = load(data)
+        try:
+            ds = load(data, data_dir, subset)
+        except EdgeError:
+            if data_dir is not None:
+                raise  # a --data-dir given is used as given, never skipped
+            ds = None  # an fp32 step needs no data; the manifest then says normalisation null
     manifest = write_bundle(out, spec, learning_rule, program, params, state, batch_size,
                             target=tgt, per_layer=per_layer,
                             normalisation=(ds.mean, ds.std) if ds is not None else None)
