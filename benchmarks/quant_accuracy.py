@@ -1,19 +1,22 @@
 """Probe accuracy of quantized CLAPP++ training against fp32, same budget (not a test).
 
-Every configuration starts from the same float initialisation (seed), sees the same batches
-and the same views (epoch generators as in `edge.app.train`), and is probed the same way
-(`edge.probe.fit_linear` on 2x2-pooled features of every layer, "all", and of the last layer,
-"last"); quantized runs are probed on the quantized network's own (integer) forward.
+Every configuration is one `edge.app.train.train` run from the same `TrainConfig` but for its
+quantization: the same float initialisation (seed), the same batches and views (the epoch
+generators), the same calibration batches; each is probed the same way (`edge.probe` on
+2x2-pooled features of every layer, "all", and of the last layer, "last"), quantized runs on
+the quantized network's own forward (the engine's encoder).
 
 Configurations:
   fp32        the rule's default: AdamW at the rule's default lr (what `edge train` does)
-  fp32-sgdn   fp32 with the integer mode's optimizer: SGD with per-tensor power-of-two
-              learning rates normalised at calibration (isolates the cost of the integers)
+  fp32-sgdn   fp32 with the integer mode's kind of optimizer: SGD with per-tensor power-of-two
+              rates, each fixed once so that the rms step on the calibration batches is
+              `integer_lr` (isolates the cost of the integers from that of the optimizer)
   qat         int8 weights and activations in the forward, fp32 latent weights, AdamW
   int8-w16    integer mode, int16 weights whose top 8 bits feed the forward
   int8        integer mode, int8 weights
 
-    python benchmarks/quant_accuracy.py --data mnist --subset 10000 --epochs 1
+    python -m benchmarks.quant_accuracy --data mnist --subset 10000 --epochs 1 \
+        --data-dir ../shared/data --out benchmarks/results/quant/mnist.json
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import provenance
 from edge import rules
-from edge.data import default_views, load, two_views
-from edge.nets import default_preset, encode, layer_forward, layer_params, preset
-from edge.optim import OptimConfig
+from edge.app.config import TrainConfig
+from edge.app.train import FloatEngine, build, calibration, make_engine, train
+from edge.data import load
+from edge.nets import encode
 from edge.probe import extract, fit_linear
-from edge.step import train_step
-from edge.app.train import epoch_generator, initial_params
-from quant.train import describe_plan, init_quant, quant_encode, quant_step
+from edge.step import local_step
 
 CONFIGS = ("fp32", "fp32-sgdn", "qat", "int8-w16", "int8")
 
@@ -47,107 +50,118 @@ def probe(encode_fn, ds) -> dict[str, float]:
     return out
 
 
-def calibration_views(ds, views, n_batches: int, bs: int, seed: int):
-    gen = torch.Generator().manual_seed(seed + 99_991)
-    idx = torch.randperm(ds.x_train.shape[0], generator=gen)[: n_batches * bs]
-    return [
-        two_views(ds.x_train[idx[i * bs : (i + 1) * bs]], gen, views, ds.mean, ds.std)
-        for i in range(n_batches)
-    ]
+class _GradRms:
+    """An optimizer that changes nothing and records each gradient's mean square."""
+
+    name = "record"
+
+    def __init__(self) -> None:
+        self.sq: dict[str, float] = {}
+
+    def init_state(self, params):
+        return {"step": torch.zeros(())}
+
+    def update(self, name, p, g, state, step, noise=None):
+        self.sq[name] = self.sq.get(name, 0.0) + float(g.double().pow(2).mean())
+        return p, {}
 
 
-def sgdn_lrs(net, rule, params, calib, lr):
-    """Per-tensor power-of-two SGD rates giving an rms step of `lr` on the calibration batches."""
-    sums = {}
-    for v1, v2 in calib:
-        for i, layer in enumerate(net.layers):
-            w, b = layer_params(params, i)
-            o1, o2 = layer_forward(layer, w, b, v1), layer_forward(layer, w, b, v2)
-            grads, _ = rule.layer_grads(i, layer, o1, o2, params, None)
-            for k, g in grads.items():
-                sums[k] = sums.get(k, 0.0) + float(g.pow(2).mean()) / len(calib)
-            v1, v2 = o1.y, o2.y
-    return {k: 2.0 ** round(math.log2(lr / math.sqrt(max(v, 1e-30)))) for k, v in sums.items()}
+class PowerOfTwoSGD:
+    """SGD with a fixed power-of-two rate per tensor (integer mode's kind of update, in fp32)."""
+
+    name = "sgd-pow2"
+
+    def __init__(self, lrs: dict[str, float]):
+        self.lrs = lrs
+        self.lr, self.weight_decay = min(lrs.values()), 0.0
+
+    def init_state(self, params):
+        return {"step": torch.zeros(())}
+
+    def update(self, name, p, g, state, step, noise=None):
+        return p - self.lrs[name] * g, {}
 
 
-def sgdn_step(net, rule, lrs, params, v1, v2):
-    new, losses = dict(params), []
-    for i, layer in enumerate(net.layers):
-        w, b = layer_params(params, i)
-        o1, o2 = layer_forward(layer, w, b, v1), layer_forward(layer, w, b, v2)
-        grads, loss = rule.layer_grads(i, layer, o1, o2, params, None)
-        for k, g in grads.items():
-            new[k] = params[k] - lrs[k] * g
-        losses.append(loss)
-        v1, v2 = o1.y, o2.y
-    return new, {"loss": torch.stack(losses).sum()}
+def sgdn_rates(net, rule, params, calib, lr: float) -> dict[str, float]:
+    """Per tensor 2^round(log2(lr / rms(g))), g the rule's gradient on the calibration
+    batches at the initial parameters."""
+    rec = _GradRms()
+    state = {"step": torch.zeros(()), **rule.init_state(net)}
+    with torch.no_grad():
+        for v1, v2 in calib:
+            local_step(net, rule, rec, params, state, v1, v2)
+    return {k: 2.0 ** round(math.log2(lr / math.sqrt(max(v / len(calib), 1e-30))))
+            for k, v in rec.sq.items()}
 
 
-def run(config: str, args, ds, net, rule) -> dict:
+def config_for(config: str, args) -> TrainConfig:
+    quant, mode, lr = "fp32", "integer", args.lr
+    if config == "qat":
+        quant, mode = "int8", "qat"
+    elif config in ("int8-w16", "int8"):
+        quant, lr = config, args.integer_lr
+    return TrainConfig(rule=args.rule, data=args.data, seed=args.seed, net=args.net,
+                       width=args.width, batch_size=args.batch_size, subset=args.subset,
+                       epochs=args.epochs, lr=lr, quant=quant, mode=mode, probe_layers="all")
+
+
+def saturated(engine) -> int | None:
+    """Integer stores at their plan's clip limits at the end (None for float engines)."""
+    plan = getattr(engine, "plan", None)
+    if plan is None or getattr(engine, "mode", None) != "integer":
+        return None
+    return sum(int(((engine.params[k] == pp.lo) | (engine.params[k] == pp.hi)).sum())
+               for k, pp in plan.params.items())
+
+
+def run(config: str, args, ds, runs: Path) -> dict:
+    """One configuration trained and probed both ways."""
     t0 = time.perf_counter()
-    params = initial_params(_cfg(args), net, rule)
-    views = default_views(args.data)
-    calib = calibration_views(ds, views, args.calib_batches, args.batch_size, args.seed)
-    opt = OptimConfig("adamw", lr=args.lr)
-    state, qs, lrs, info = opt.init_state(params), None, None, {}
-    if config in ("qat", "int8-w16", "int8"):
-        quant = "int8" if config == "qat" else config
-        mode = "qat" if config == "qat" else "integer"
-        qs = init_quant(net, rule, params, calib, quant, mode, opt,
-                        lr=args.lr if mode == "qat" else args.integer_lr)
-        info = describe_plan(qs)
-    elif config == "fp32-sgdn":
-        lrs = sgdn_lrs(net, rule, params, calib, args.integer_lr)
-    n, bs = ds.x_train.shape[0], args.batch_size
-    history, clipped = [], 0
-    for epoch in range(args.epochs):
-        gen = epoch_generator(args.seed, epoch)
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for s in range(n // bs):
-            v1, v2 = two_views(ds.x_train[perm[s * bs : (s + 1) * bs]], gen, views, ds.mean, ds.std)
-            if qs is not None:
-                qs, m = quant_step(net, rule, qs, v1, v2, gen, opt)
-            elif lrs is not None:
-                params, m = sgdn_step(net, rule, lrs, params, v1, v2)
-            else:
-                params, state, m = train_step(net, rule, opt, params, state, v1, v2)
-            total += float(m["loss"])
-            clipped += int(m.get("clipped", 0))
-        history.append(round(total / (n // bs), 4))
-        print(f"  {config} epoch {epoch + 1}: loss {history[-1]}", flush=True)
-    train_s = time.perf_counter() - t0
-    if qs is not None:
-        acc = probe(lambda x: quant_encode(net, qs, x), ds)
-    else:
-        acc = probe(lambda x: encode(net, params, x), ds)
+    cfg = config_for(config, args)
+    engine, info = make_engine(cfg), {}
+    if config == "fp32-sgdn":
+        net, rule, params = build(cfg, ds.in_shape)
+        lrs = sgdn_rates(net, rule, params, calibration(cfg, ds), args.integer_lr)
+        info = {"lr_per_tensor": lrs}
+
+        class SGDNEngine(FloatEngine):
+            def bind(self, net, rule, opt):
+                super().bind(net, rule, PowerOfTwoSGD(lrs))
+
+        engine = SGDNEngine()
+    r = train(cfg, runs / config, data_dir=args.data_dir, overwrite=True, progress=False,
+              engine=engine, probe=False)
+    acc = probe(engine.encoder(), ds)
     return {
         "config": config,
         "probe": acc,
-        "loss_history": history,
-        "clipped": clipped,
-        "train_seconds": round(train_s, 1),
-        "plan": info,
+        "loss_history": [round(h["loss"], 4) for h in r["history"]],
+        "saturated_stores": saturated(engine),
+        "train_seconds": r["seconds"],
+        "quantization": r["quantization"],
+        "optimizer": r["optimizer"] if config != "fp32-sgdn" else {"name": "sgd-pow2", **info},
+        "provenance": provenance(t0),
     }
 
 
-def _cfg(args):
-    from edge.app.train import TrainConfig
+def defaults(args) -> None:
+    if args.lr is None:
+        args.lr = rules.default_lr(args.rule)
+    if args.integer_lr is None:
+        from quant.engine import integer_default_lr
 
-    return TrainConfig(
-        rule=args.rule,
-        data=args.data,
-        seed=args.seed,
-        net=args.net,
-        width=args.width,
-        batch_size=args.batch_size,
-    )
+        args.integer_lr = integer_default_lr(args.rule)
 
 
-def main() -> None:
+def random_probe(args, ds) -> dict[str, float]:
+    net, _, params = build(config_for("fp32", args), ds.in_shape)
+    return probe(lambda x: encode(net, params, x), ds)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="mnist")
-    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA, ../shared/data)")
+    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA)")
     ap.add_argument("--subset", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -158,42 +172,32 @@ def main() -> None:
     ap.add_argument("--net", default=None)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--runs", type=Path, default=None,
+                    help="run directories (default: a runs/ folder beside --out, else ./runs)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--skip-random", action="store_true", help="no random-encoder probe")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    defaults(args)
     torch.manual_seed(args.seed)
     ds = load(args.data, args.data_dir, args.subset)
-    net = preset(args.net or default_preset(args.data), ds.in_shape, args.width)
-    rule = rules.get(args.rule)
-    rule.check(net)
-    if args.lr is None:
-        args.lr = rules.default_lr(args.rule)
-    if args.integer_lr is None:
-        from quant.engine import integer_default_lr
-
-        args.integer_lr = integer_default_lr(args.rule)
-    results = {
-        "data": args.data,
-        "subset": args.subset,
-        "epochs": args.epochs,
-        "net": net.to_dict(),
-        "rule": args.rule,
-        "lr": args.lr,
-        "integer_lr": args.integer_lr,
-        "runs": [],
-    }
+    runs = args.runs or (Path(args.out).parent / "runs" / args.data if args.out else
+                         Path("runs"))
+    t0 = time.perf_counter()
+    results = {"data": args.data, "subset": args.subset, "epochs": args.epochs,
+               "net": args.net, "width": args.width, "batch_size": args.batch_size,
+               "rule": args.rule, "lr": args.lr, "integer_lr": args.integer_lr, "runs": []}
     if not args.skip_random:
-        init = initial_params(_cfg(args), net, rule)
-        results["random_probe"] = probe(lambda x: encode(net, init, x), ds)
+        results["random_probe"] = random_probe(args, ds)
         print(f"random encoder: {results['random_probe']}", flush=True)
     for config in args.configs.split(","):
-        r = run(config, args, ds, net, rule)
+        r = run(config, args, ds, runs)
         print(f"{config}: probe {r['probe']} ({r['train_seconds']} s)", flush=True)
         results["runs"].append(r)
+        results["provenance"] = provenance(t0)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

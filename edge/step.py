@@ -90,10 +90,13 @@ def local_step(
     ex=EAGER,
     noise: Tensors | None = None,
     donate: bool = False,
+    head: Any = None,
+    labels: Tensor | None = None,
 ) -> tuple[Tensors, Tensors, Metrics]:
     """`donate=True` hands `params` and `state` over: they are updated in place entry by
     entry, so each block's old tensors die as soon as its new ones exist (as on a device
-    that writes updates over the old weights); the caller must not reuse them."""
+    that writes updates over the old weights); the caller must not reuse them. `head`
+    (`edge.head.PrototypeHead`) learns from `labels` (-1: none) on the top block's output."""
     step = state["step"] + 1
     new_params, new_state = (params, state) if donate else (dict(params), dict(state))
     x = rule.inputs(x1, x2)
@@ -107,6 +110,8 @@ def local_step(
         if donate:
             incoming.update(p)  # block i is done: later blocks read only their own weights
         losses.append(loss)
+    if head is not None:
+        new_state.update(head.update(ex, x, labels, state))
     new_state["step"] = step
     layer_loss = torch.stack(losses)
     return new_params, new_state, {"loss": layer_loss.sum(), "layer_loss": layer_loss}
@@ -129,10 +134,13 @@ def train_step(
     x1: Tensor,
     x2: Tensor,
     donate: bool = False,
+    head: Any = None,
+    labels: Tensor | None = None,
 ) -> tuple[Tensors, Tensors, Metrics]:
     """The step of any rule: closed-form block-local for local rules, autograd for baselines."""
     if rule.is_local:
-        return local_step(net, rule, opt, params, state, x1, x2, donate=donate)
+        return local_step(net, rule, opt, params, state, x1, x2, donate=donate, head=head,
+                          labels=labels)
     from edge.baselines.step import bp_step
 
     return bp_step(net, rule, opt, params, state, x1, x2)

@@ -601,6 +601,14 @@ def _transposes(w: _Writer) -> None:
     shapes = _shapes_of(w)
     nodes = []
     for m in w.nodes:
+        out_shape = shapes.get(m.output[0]) if m.output else None
+        if m.op_type in ("Unsqueeze", "Squeeze", "Flatten") and out_shape is not None:
+            nodes.append(helper.make_node("Reshape", [m.input[0], _i64(w, list(out_shape))],
+                                          list(m.output)))  # so that Reshape chains compose
+            continue
+        if m.op_type == "Concat" and out_shape is not None and len(out_shape) > MAX_RANK:
+            nodes.extend(_flat_concat(w, m, shapes, out_shape))
+            continue
         x = shapes.get(m.input[0]) if m.op_type == "Transpose" else None
         if x is None or len(x) <= MAX_RANK:
             nodes.append(m)
@@ -626,6 +634,23 @@ def _transposes(w: _Writer) -> None:
             m.input[0] = src.input[0]
             src = producer.get(m.input[0])
     w.nodes = nodes
+
+
+def _flat_concat(w: _Writer, m: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
+                 out: tuple[int, ...]) -> list[onnx.NodeProto]:
+    """A Concat of rank > MAX_RANK as one of rank 3: (before the axis, axis, after it)."""
+    axis = next((a.i for a in m.attribute if a.name == "axis"), 0) % len(out)
+    before, after = int(np.prod(out[:axis])), int(np.prod(out[axis + 1:]))
+    nodes, flat = [], []
+    for i in m.input:
+        f = w.name("cin")
+        nodes.append(helper.make_node("Reshape", [i, _i64(w, [before, shapes[i][axis], after])],
+                                      [f]))
+        flat.append(f)
+    cat = w.name("cat")
+    nodes.append(helper.make_node("Concat", flat, [cat], axis=1))
+    nodes.append(helper.make_node("Reshape", [cat, _i64(w, list(out))], list(m.output)))
+    return nodes
 
 
 def _merged(shape: tuple[int, ...], perm: list[int]) -> tuple[list[int], list[int]]:

@@ -332,9 +332,11 @@ class OnnxStepper:
     def __call__(
         self, params: dict[str, Tensor], state: dict[str, Tensor], x1: Tensor, x2: Tensor,
         donate: bool = False, noise: dict[str, Tensor] | None = None,
+        labels: Tensor | None = None, head: Any = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """One step; `donate` is accepted for train_step's signature (the runtime always
-        returns fresh tensors, the inputs are left untouched)."""
+        """One step; `donate` and `head` are accepted for train_step's signature (the runtime
+        always returns fresh tensors; the head is the program's); `labels` feed a step that
+        has a head."""
         key = (tuple((k, tuple(v.shape)) for k, v in params.items()),
                tuple((k, tuple(v.shape)) for k, v in state.items()), tuple(x1.shape))
         if key != self._key and not self._fixed:
@@ -346,6 +348,8 @@ class OnnxStepper:
             bits = {NOISE + k: _numpy(v) for k, v in noise.items()}
         else:
             bits = draw_noise(self._ios, self.rng, 0, 1 << 16)
+        if labels is not None:
+            bits["labels"] = _numpy(labels)
         if self.per_layer:
             new, layer_loss = run_layer_chain(self._runners, self._ios, carried, _numpy(x1),
                                               _numpy(x2), bits)
@@ -368,11 +372,12 @@ def integer_stepper(runtime: str, net: NetSpec, rule: Any, plan: Any,
     integer step graph, fed the engine's own random bits."""
     from export.step import integer_program
 
+    head = kwargs.pop("head", None)
     stepper = OnnxStepper(net, rule, None, runtime=runtime,
-                          program=integer_program(net, rule, plan, qparams), **kwargs)
+                          program=integer_program(net, rule, plan, qparams, head), **kwargs)
 
-    def step_fn(stores, state, x1, x2, noise):
-        return stepper(stores, state, x1, x2, noise=noise)
+    def step_fn(stores, state, x1, x2, noise, labels=None):
+        return stepper(stores, state, x1, x2, noise=noise, labels=labels)
 
     step_fn.stepper = stepper  # where the nodes went, for the CLI's report
     return step_fn
@@ -389,4 +394,6 @@ def make_stepper(
     if runtime not in RUNTIMES:
         raise EdgeError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     require_local(rule)  # a backprop baseline has no forward-only graph: say so before training
-    return OnnxStepper(net, rule, opt, runtime=runtime, **kwargs)
+    head = kwargs.pop("head", None)
+    program = fp32_program(net, rule, opt, head) if head is not None else None
+    return OnnxStepper(net, rule, opt, runtime=runtime, program=program, **kwargs)

@@ -57,6 +57,7 @@ Tensors = dict[str, Tensor]
 STEP_FILE = "train_step.onnx"
 STEP = "step"
 VIEWS = ("x1", "x2")
+LABELS = "labels"  # int64, one per image of view 1; -1: no label (steps with a head)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class StepProgram:
     view_dtype: str = "float32"
     quant: dict[str, Any] | None = None  # for the manifest; None: fp32
     optimizer: dict[str, Any] | None = None  # what the step's update really is
+    head: Any = None  # an on-device head (`edge.head`): the step then takes `labels`
 
 
 def require_local(rule: Any) -> Any:
@@ -84,23 +86,29 @@ def require_local(rule: Any) -> Any:
     return rule
 
 
-def fp32_program(net: NetSpec, rule: Any, opt: Any) -> StepProgram:
-    """`edge.step.local_step` over the traced executor."""
+def fp32_program(net: NetSpec, rule: Any, opt: Any, head: Any = None) -> StepProgram:
+    """`edge.step.local_step` over the traced executor (with an on-device head: `labels`)."""
     require_local(rule)
     rule.check(net)
+    last = len(net.blocks) - 1
 
-    def step(params, state, x1, x2, noise):
-        return local_step(net, rule, opt, params, state, x1, x2, ex=TRACED)
+    def step(params, state, x1, x2, noise, labels=None):
+        return local_step(net, rule, opt, params, state, x1, x2, ex=TRACED, head=head,
+                          labels=labels)
 
-    def block(i, params, state, x, count, noise):
+    def block(i, params, state, x, count, noise, labels=None):
         x = rule.inputs(*x) if i == 0 else x
-        return block_step(net, rule, opt, TRACED, i, params, state, x, None, count + 1)
+        y, p, s, loss = block_step(net, rule, opt, TRACED, i, params, state, x, None, count + 1)
+        if head is not None and i == last:
+            s.update(head.update(TRACED, y, labels, state))
+        return y, p, s, loss
 
     return StepProgram("fp32", step, None if rule.needs_context else block, rule.streams,
-                       optimizer={k: v for k, v in vars(opt).items()})
+                       optimizer={k: v for k, v in vars(opt).items()}, head=head)
 
 
-def integer_program(net: NetSpec, rule: Any, plan: Any, qparams: Tensors) -> StepProgram:
+def integer_program(net: NetSpec, rule: Any, plan: Any, qparams: Tensors,
+                    head: Any = None) -> StepProgram:
     """The integer step (`quant.integer`) over traceable kernels; its random-bit inputs are
     the ones the step asks for (`quant.integer.noise_shapes`)."""
     from quant.integer import IntegerExecutor, IntegerUpdate, integer_forward, noise_shapes
@@ -114,22 +122,25 @@ def integer_program(net: NetSpec, rule: Any, plan: Any, qparams: Tensors) -> Ste
     with torch.no_grad():  # each block's output exponent (static: from the plan)
         f_out = [y.f for y in integer_forward(net, plan, qparams, zeros)]
 
-    def step(params, state, x1, x2, bits):
-        ex = IntegerExecutor(plan, bits, traced=True)
-        new, new_state, metrics = local_step(net, form, update, params, state,
-                                             QT(x1, plan.f_in), QT(x2, plan.f_in), ex=ex,
-                                             noise=bits)
-        return new, new_state, metrics
+    last = len(net.blocks) - 1
 
-    def block(i, params, state, x, count, bits):
+    def step(params, state, x1, x2, bits, labels=None):
+        ex = IntegerExecutor(plan, bits, traced=True)
+        return local_step(net, form, update, params, state, QT(x1, plan.f_in),
+                          QT(x2, plan.f_in), ex=ex, noise=bits, head=head, labels=labels)
+
+    def block(i, params, state, x, count, bits, labels=None):
         ex = IntegerExecutor(plan, bits, traced=True)
         x = form.inputs(QT(x[0], plan.f_in), QT(x[1], plan.f_in)) if i == 0 else QT(x, f_out[i - 1])
         y, p, s, loss = block_step(net, form, update, ex, i, params, state, x, None, count + 1,
                                    bits)
+        if head is not None and i == last:
+            s.update(head.update(ex, y, labels, state))
         return y.t, p, s, loss
 
     return StepProgram(plan.quant, step, None if rule.needs_context else block, 2, noise,
-                       "int8", {"mode": "integer", "plan": plan.to_dict()}, update.describe())
+                       "int8", {"mode": "integer", "plan": plan.to_dict()}, update.describe(),
+                       head)
 
 
 _LAYER_KEY = re.compile(r"^[A-Za-z_]+\.(\d+)\.")
@@ -201,12 +212,15 @@ def step_graph(
     inputs.update({STATE + k: v.detach() for k, v in state.items()})
     view = torch.zeros((batch_size, *net.in_shape), dtype=getattr(torch, program.view_dtype))
     inputs.update({name: view.clone() for name in VIEWS})
+    if program.head is not None:
+        inputs[LABELS] = torch.zeros(batch_size, dtype=torch.int64)
     inputs.update(noise_inputs(program.noise))
 
     def fn(t: Tensors) -> Tensors:
         p = {k: t[PARAMS + k] for k in pnames}
         s = {k: t[STATE + k] for k in snames}
-        new_p, new_s, metrics = program.step(p, s, t["x1"], t["x2"], take_noise(t))
+        extra = {"labels": t[LABELS]} if program.head is not None else {}
+        new_p, new_s, metrics = program.step(p, s, t["x1"], t["x2"], take_noise(t), **extra)
         out = {NEW_PARAMS + k: new_p[k] for k in pnames}
         out.update({NEW_STATE + k: new_s[k] for k in snames})
         out.update(metrics)
@@ -255,6 +269,7 @@ def block_graphs(
         raise EdgeError("optimizer state has no step counter 'step'")
     pnames = split_by_block(net, list(params), layer_of)
     snames = split_by_block(net, [k for k in state if k != STEP], state_layer_of)
+    snames[-1] += [k for k in state if k.startswith("head.")]  # the head trains at the top
     view = torch.zeros((batch_size, *net.in_shape), dtype=getattr(torch, program.view_dtype))
     x: Tensor | None = None
     models, ios = [], []
@@ -264,6 +279,8 @@ def block_graphs(
         inputs.update({PARAMS + k: params[k].detach() for k in pnames[i]})
         inputs.update({STATE + k: state[k].detach() for k in snames[i]})
         inputs[STATE + STEP] = state[STEP].detach()
+        if last and program.head is not None:
+            inputs[LABELS] = torch.zeros(batch_size, dtype=torch.int64)
         inputs.update(noise_inputs(tuple(
             t for t in program.noise if layer_of(t.name[len(NOISE):]) == i)))
         fn = _block_function(program, i, pnames[i], snames[i], last)
@@ -288,7 +305,8 @@ def _block_function(program: StepProgram, i: int, pnames: list[str], snames: lis
         s = {k: t[STATE + k] for k in snames}
         count = t[STATE + STEP]
         x = (t["x1"], t["x2"]) if i == 0 else t["x"]
-        y, new_p, new_s, loss = program.block(i, p, s, x, count, take_noise(t))
+        extra = {"labels": t[LABELS]} if LABELS in t else {}
+        y, new_p, new_s, loss = program.block(i, p, s, x, count, take_noise(t), **extra)
         out = {"y": y}
         out.update({NEW_PARAMS + k: new_p[k] for k in pnames})
         out.update({NEW_STATE + k: new_s[k] for k in snames})

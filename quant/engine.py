@@ -63,9 +63,10 @@ def check(quant: str, mode: str) -> None:
 
 
 class QuantEngine:
-    def __init__(self, quant: str, mode: str, step_factory: Callable | None = None):
+    def __init__(self, quant: str, mode: str, step_factory: Callable | None = None,
+                 head: Any = None):
         check(quant, mode)
-        self.quant, self.mode, self.step_factory = quant, mode, step_factory
+        self.quant, self.mode, self.step_factory, self.head = quant, mode, step_factory, head
         self.step_fn: Callable | None = None
         self.plan: QuantPlan | None = None
 
@@ -79,11 +80,15 @@ class QuantEngine:
             self.plan = qat_plan(self.net, self.rule, params, calib)
             self.params = {k: v.clone() for k, v in params.items()}
             self.state = {**self.opt.init_state(self.params), **self.rule.init_state(self.net)}
+            if self.head is not None:
+                self.state.update(self.head.init_state())
             return
         self.plan, self.params = make_plan(self.net, self.rule, params, calib, self.quant,
                                            self.opt.lr)
         self.state = {"step": torch.zeros((), dtype=torch.int64),
                       **self.form.init_state(self.net, self.plan, self.params)}
+        if self.head is not None:
+            self.state.update(self.head.init_state(integer=True))
         self._ready()
 
     def _ready(self) -> None:
@@ -91,10 +96,12 @@ class QuantEngine:
         if self.step_factory is not None:
             self.step_fn = self.step_factory(self.net, self.rule, self.plan, self.params)
 
-    def step(self, v1: Tensor, v2: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+    def step(self, v1: Tensor, v2: Tensor, gen: torch.Generator,
+             labels: Tensor | None = None) -> dict[str, Tensor]:
         if self.mode == "qat":
             params, state, metrics = qat_step(
-                self.net, self.rule, self.opt, self.plan, self.params, self.state, v1, v2)
+                self.net, self.rule, self.opt, self.plan, self.params, self.state, v1, v2,
+                head=self.head, labels=labels)
             if not torch.stack([torch.isfinite(v).all() for v in params.values()]).all():
                 return {**metrics, "finite_params": torch.tensor(False)}
             self.params, self.state = params, state
@@ -106,11 +113,24 @@ class QuantEngine:
         noise = make_noise(self._shapes, gen)
         if self.step_fn is not None:
             self.params, self.state, metrics = self.step_fn(self.params, self.state, q1, q2,
-                                                            noise)
+                                                            noise, labels)
         else:
             self.params, self.state, metrics = integer_step_state(
-                self.net, self.form, self.plan, self.params, self.state, q1, q2, noise)
+                self.net, self.form, self.plan, self.params, self.state, q1, q2, noise,
+                head=self.head, labels=labels)
         return metrics
+
+    def head_features(self, x: Tensor) -> Tensor:
+        """The head's features of float images x, in the head's own units."""
+        if self.mode == "qat":
+            return self.head.features(QATExecutor(self.plan), self.encoder()(x)[-1])
+        from edge.layers.base import QT  # noqa: F401 - the integer features are QT codes
+        from quant.integer import IntegerExecutor
+
+        with torch.no_grad():
+            y = integer_forward(self.net, self.plan, self.params,
+                                quantize_input(x, self.plan.f_in))[-1]
+        return self.head.features(IntegerExecutor(self.plan), y).double()
 
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
         state = dict(self.state)

@@ -159,13 +159,13 @@ def integer_step(
 def integer_step_state(
     net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor],
     state: dict[str, Tensor], x1: Tensor, x2: Tensor, noise: dict[str, Tensor],
-    traced: bool = False,
+    traced: bool = False, head=None, labels: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """`integer_step` with the step state in and out: the step counter and the rule's own
-    (`form.init_state`: e.g. the negatives' memories)."""
+    """`integer_step` with the step state in and out: the step counter, the rule's own
+    (`form.init_state`: e.g. the negatives' memories) and the head's (`edge.head`)."""
     ex = IntegerExecutor(plan, noise, traced=traced)
     return local_step(net, form, IntegerUpdate(plan), qparams, state, QT(x1, plan.f_in),
-                      QT(x2, plan.f_in), ex=ex, noise=noise)
+                      QT(x2, plan.f_in), ex=ex, noise=noise, head=head, labels=labels)
 
 
 def noise_shapes(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor]

@@ -52,9 +52,9 @@ class QATExecutor(Executor):
 
 def qat_step(net: NetSpec, rule, opt, plan: QuantPlan, params: dict[str, Tensor],
              state: dict[str, Tensor], x1: Tensor, x2: Tensor, traced: bool = False,
-             donate: bool = False):
+             donate: bool = False, head=None, labels: Tensor | None = None):
     """One QAT step: (latent params, optimizer state, float views) -> (params', state',
     metrics); `opt` is the rule's `edge.optim.OptimConfig`."""
     q1, q2 = (fake_quant(x, plan.f_in, -128, 127) for x in (x1, x2))
     return local_step(net, rule, opt, params, state, q1, q2, ex=QATExecutor(plan, traced),
-                      donate=donate)
+                      donate=donate, head=head, labels=labels)

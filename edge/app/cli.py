@@ -71,6 +71,9 @@ def train(
     ] = [],  # noqa: B006
     views: Annotated[str | None, typer.Option(
         help="View augmentation preset (default: the data set's).")] = None,
+    head_labels: Annotated[int, typer.Option(
+        help="Train an on-device head (nearest class means) from the first K labelled "
+        "images of each class.")] = 0,
     negatives: Annotated[str, typer.Option(
         help="batch (image i+1 of the batch) | memory:K (the last K codes; works at batch 1).")]
     = "batch",
@@ -114,7 +117,7 @@ def train(
         rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
         rule_hparams=parse_hparams(hp), probe_layers=probe_layers, quant=quant, mode=mode,
-        views=views, negatives=negatives, device=device, runtime=runtime, profile=profile,
+        views=views, negatives=negatives, head_labels=head_labels, device=device, runtime=runtime, profile=profile,
         per_layer=per_layer,
         alignment=alignment, alignment_every=alignment_every,
     )
@@ -131,6 +134,9 @@ def train(
     t.add_column("value", justify="right")
     t.add_row("probe accuracy", f"{result['probe_accuracy']:.4f}")
     t.add_row("random-encoder probe", f"{result['random_probe_accuracy']:.4f}")
+    if result["head"] and result["head"]["accuracy"] is not None:
+        t.add_row(f"on-device head ({result['head']['labels_per_class']} labels a class)",
+                  f"{result['head']['accuracy']:.4f}")
     t.add_row("final loss", f"{result['final_loss']:.4f}")
     for k, v in result["parameters"].items():
         t.add_row(f"{k} parameters", f"{v:,}")

@@ -46,6 +46,7 @@ class TrainConfig:
     mode: str = "integer"  # qat | integer (ignored for fp32)
     views: str | None = None  # augmentation preset; None: the data set's default
     negatives: str = "batch"  # "batch" (image i+1 of the batch) | "memory:K" (K past codes)
+    head_labels: int = 0  # an on-device head learns from the first K labelled images a class
     device: str = "cpu"  # where the step runs; not part of the run's identity
     runtime: str = "torch"  # what executes the step; recorded, not part of the identity
     profile: str | None = None  # operator profile of an exported step (runtime != torch)
@@ -58,6 +59,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise EdgeError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if isinstance(self.head_labels, bool) or not isinstance(self.head_labels, int) or \
+                self.head_labels < 0:
+            raise EdgeError(f"--head-labels must be >= 0, got {self.head_labels}")
         if self.subset is not None and self.subset <= 0:
             raise EdgeError(f"--subset must be positive, got {self.subset}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

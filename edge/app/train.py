@@ -88,19 +88,24 @@ class FloatEngine:
     `encoder` for the probe, `describe`.
     """
 
-    def __init__(self, step_fn: Callable | None = None, device: str = "cpu"):
-        self.make_step, self.device = step_fn, torch.device(device)
+    def __init__(self, step_fn: Callable | None = None, device: str = "cpu", head: Any = None):
+        self.make_step, self.device, self.head = step_fn, torch.device(device), head
 
     def bind(self, net: NetSpec, rule, opt: OptimConfig) -> None:
         self.net, self.rule, self.opt = net, rule, opt
         self.step_fn = self.make_step or functools.partial(train_step, net, rule, opt)
 
     def start(self, params: dict, calib: list) -> None:
-        self.resume(params, init_state(self.net, self.rule, self.opt, params), {})
+        state = init_state(self.net, self.rule, self.opt, params)
+        if self.head is not None:
+            state.update(self.head.init_state())
+        self.resume(params, state, {})
 
-    def step(self, v1: torch.Tensor, v2: torch.Tensor, gen: torch.Generator) -> dict:
+    def step(self, v1: torch.Tensor, v2: torch.Tensor, gen: torch.Generator,
+             labels: torch.Tensor | None = None) -> dict:
+        extra = {} if self.head is None else {"head": self.head, "labels": labels}
         new_params, new_state, metrics = self.step_fn(self.params, self.state, v1, v2,
-                                                      donate=False)
+                                                      donate=False, **extra)
         if not torch.stack([torch.isfinite(v).all() for v in new_params.values()]).all():
             metrics = {**metrics, "finite_params": torch.tensor(False)}
             return metrics
@@ -121,21 +126,46 @@ class FloatEngine:
     def describe(self) -> dict:
         return {}
 
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        from edge.layers import EAGER
 
-def make_engine(cfg: TrainConfig) -> Any:
-    """The engine `cfg` asks for (module docstring)."""
+        return self.head.features(EAGER, self.encoder()(x)[-1]).double()
+
+
+def head_labels(ds: Any, k: int) -> torch.Tensor:
+    """Per training image its label if it is among the first k of its class, else -1."""
+    out = torch.full((ds.x_train.shape[0],), -1, dtype=torch.int64)
+    for c in range(ds.num_classes):
+        idx = (ds.y_train == c).nonzero().flatten()[:k]
+        out[idx] = c
+    return out
+
+
+def head_accuracy(engine: Any, ds: Any) -> float:
+    """The on-device head's test accuracy (nearest class mean of the trained features)."""
+    from edge.data import to_float
+
+    with torch.no_grad():
+        f = torch.cat([engine.head_features(to_float(ds.x_test[s : s + 500], ds))
+                       for s in range(0, ds.x_test.shape[0], 500)])
+    state = {k: v for k, v in engine.tensors()[1].items() if k.startswith("head.")}
+    return engine.head.accuracy(state, f, ds.y_test)
+
+
+def make_engine(cfg: TrainConfig, head: Any = None) -> Any:
+    """The engine `cfg` asks for (module docstring); `head`: an on-device head it trains."""
     if cfg.quant == "fp32":
         if cfg.runtime == "torch":
-            return FloatEngine(None, cfg.device)
+            return FloatEngine(None, cfg.device, head)
         from export.runner import make_stepper
 
         class Exported(FloatEngine):
             def bind(self, net, rule, opt):
                 self.make_step = make_stepper(cfg.runtime, net, rule, opt, profile=cfg.profile,
-                                              per_layer=cfg.per_layer)
+                                              per_layer=cfg.per_layer, head=head)
                 super().bind(net, rule, opt)
 
-        return Exported(None, "cpu")
+        return Exported(None, "cpu", head)
     from quant.engine import QuantEngine
 
     factory = None
@@ -144,8 +174,8 @@ def make_engine(cfg: TrainConfig) -> Any:
 
         def factory(net, rule, plan, qparams):
             return integer_stepper(cfg.runtime, net, rule, plan, qparams, profile=cfg.profile,
-                                   per_layer=cfg.per_layer)
-    return QuantEngine(cfg.quant, cfg.mode, step_factory=factory)
+                                   per_layer=cfg.per_layer, head=head)
+    return QuantEngine(cfg.quant, cfg.mode, step_factory=factory, head=head)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -199,8 +229,20 @@ def train(
         raise EdgeError(f"--alignment compares a local rule with backprop; {cfg.rule} is "
                         "global")
     opt = optim(cfg)
+    head = None
+    if cfg.head_labels:
+        from edge.head import PrototypeHead
+
+        if ds.x_unlabeled is not None:
+            raise EdgeError("--head-labels reads the labels of the training images; this data "
+                            "set trains on its unlabeled split")
+        if not rule.is_local:
+            raise EdgeError(f"--head-labels: the head trains in a local step; {cfg.rule} is "
+                            "global")
+        head = PrototypeHead(ds.num_classes, net.shapes()[-1])
+        labelled = head_labels(ds, cfg.head_labels)
     ckpt_path = _check_out(out, resume, overwrite)  # after every check: nothing is touched
-    engine = engine or make_engine(cfg)
+    engine = engine or make_engine(cfg, head)
     engine.bind(net, rule, opt)
     device = torch.device(cfg.device)
     x_all = ds.x_ssl  # STL-10's unlabeled split where there is one; the probe uses the labels
@@ -237,11 +279,15 @@ def train(
                 perm = torch.randperm(n, generator=gen)
                 total, align = 0.0, []
                 for s in range(steps):
-                    x = x_all[perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                    v1, v2 = (v.to(device) for v in two_views(x, gen, views, ds.mean, ds.std))
+                    idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                    v1, v2 = (v.to(device) for v in two_views(x_all[idx], gen, views, ds.mean,
+                                                              ds.std))
                     if cfg.alignment and s % cfg.alignment_every == 0:
                         align.append(alignment(net, rule, engine.params, v1, v2, seed=cfg.seed))
-                    metrics = engine.step(v1, v2, gen)
+                    if head is None:
+                        metrics = engine.step(v1, v2, gen)
+                    else:
+                        metrics = engine.step(v1, v2, gen, labelled[idx])
                     loss = float(metrics["loss"])
                     finite = bool(metrics.get("finite_params", torch.tensor(True)))
                     if not (torch.isfinite(metrics["loss"]) and finite):
@@ -282,6 +328,9 @@ def train(
         "seconds": round(time.perf_counter() - t0, 2), "checkpoint": str(ckpt_path),
         "weights_digest": checkpoint.weights_digest(params),
         "optimizer": {"name": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay},
+        "head": None if head is None else {
+            "labels_per_class": cfg.head_labels, "labelled_images": int((labelled >= 0).sum()),
+            "accuracy": head_accuracy(engine, ds) if probe else None},
         "quantization": engine.describe() or None, "config": cfg.to_dict(),
     }
     (out / RESULT).write_text(json.dumps(result, indent=2))
