@@ -117,8 +117,8 @@ def train(
         rule=rule, data=data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, seed=seed, subset=subset, net=net, width=width,
         rule_hparams=parse_hparams(hp), probe_layers=probe_layers, quant=quant, mode=mode,
-        views=views, negatives=negatives, head_labels=head_labels, device=device, runtime=runtime, profile=profile,
-        per_layer=per_layer,
+        views=views, negatives=negatives, head_labels=head_labels, device=device,
+        runtime=runtime, profile=profile, per_layer=per_layer,
         alignment=alignment, alignment_every=alignment_every,
     )
     from edge.app.train import train as run
