@@ -6,8 +6,18 @@ Profiles (each writes benchmarks/results/PROFILE/{results.json, results.md, *.pn
          2 CPU cores
   rules  every rule at the quick budget (hours; resumable: rerun the same command)
   full   the paper's scale (VGG-6 at full width, 100 epochs) for a GPU: --device cuda
+  smoke  every section in a few minutes on digits; its numbers mean nothing
 
-Runs are cached per run directory, so an interrupted profile resumes where it stopped.
+Provenance. Every section is stamped when it is measured (`provenance`: run id, date,
+machine, git commit, whether the tree was modified, a digest of the code) and the stamp is
+never rewritten. A section already in results.json is reused only under `--reuse`:
+  same-code  (default) only if it was measured by this very code (same code digest): an
+             interrupted run resumes, nothing older stands in for a new figure
+  any        whatever is there, however old (its own stamp says when and where)
+  none       measure everything (also `--fresh`)
+The same policy decides which trained runs of the accuracy section may be reused. The
+results say, per section and in the headline, which figures were measured in this run and
+which were reused from which run.
 """
 
 from __future__ import annotations
@@ -15,22 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from benchmarks import accuracy, memory, speed
-from edge.data import load
-from edge.nets import encode, preset
-from edge.app.train import TrainConfig
+from benchmarks import code_digest, machine, provenance, run_id
+from benchmarks.accuracy import REUSE
+from edge.app.config import TrainConfig
 
 # the quantization comparison: a CIFAR-10 subset at the accuracy section's width
 QUANT_CIFAR = dict(data="cifar10", net="vgg6", width=0.0625, subset=10000, epochs=2, batch_size=32)
 LOCAL = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff"]
 CIFAR = dict(data="cifar10", net="vgg6")
+SECTIONS = ("accuracy", "memory", "speed", "export_speed", "quant")
 PROFILES = {
     "quick": dict(
         CIFAR,
@@ -63,7 +73,7 @@ PROFILES = {
                    batch_size=64),
         alignment_every=100,
     ),
-    # exercises every section in a minute or two; its numbers mean nothing
+    # exercises every section in a few minutes; its numbers mean nothing
     "smoke": dict(
         data="digits",
         net="digits",
@@ -79,71 +89,33 @@ PROFILES = {
 }
 
 
-def machine() -> dict:
-    import onnxruntime
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-
-
-def quant_section(data_dir: str | None, q: dict) -> dict:
+def quant_section(data_dir: str | None, q: dict, runs: Path) -> dict:
     """fp32 CLAPP++ against int8-w16 integer mode, same images, views and epochs, each at its
     own default rate (benchmarks/quant_accuracy.py; int8 and qat are in its own results)."""
     from benchmarks import quant_accuracy as qa
-    from edge import rules
-    from quant.engine import integer_default_lr
+    from edge.data import load
 
-    args = argparse.Namespace(
-        **q,
-        lr=rules.default_lr("clapp++"),
-        integer_lr=integer_default_lr("clapp++"),
-        rule="clapp++",
-        seed=0,
-        calib_batches=4,
-    )
+    args = argparse.Namespace(**q, lr=None, integer_lr=None, rule="clapp++", seed=0,
+                              data_dir=data_dir)
+    qa.defaults(args)
     ds = load(q["data"], data_dir, q["subset"])
-    net = preset(q["net"], ds.in_shape, q["width"])
-    rule = rules.get("clapp++")
-    rule.check(net)
-    init = qa.initial_params(qa._cfg(args), net, rule)
-    out = {
-        **q,
-        "random_probe": qa.probe(lambda x: encode(net, init, x), ds),
-        "runs": {},
-    }
+    out = {**q, "lr": args.lr, "integer_lr": args.integer_lr,
+           "random_probe": qa.random_probe(args, ds), "runs": {}}
     for config in ("fp32", "int8-w16"):
-        out["runs"][config] = qa.run(config, args, ds, net, rule)
+        out["runs"][config] = qa.run(config, args, ds, runs)
     return out
 
 
-def simulated_step_bytes(width: float, batch: int, rule_name: str = "clapp++") -> dict:
-    """The simulator's peak for a local rule's exported fp32 step (in-place bindings)."""
-    from edge.sim.onnx_graph import GraphOptions
-    from edge.sim.simulate import SimOptions, simulate
-    from edge.nets import init_params, preset
-    from edge.optim import OptimConfig
-    from edge.rules import get
-    from export.training_step import training_step
+def simulated_step_bytes(width: float, batch: int, rule_name: str = "clapp++",
+                         net: str = "vgg6", data: str = "cifar10") -> dict:
+    """The simulator's peak for a local rule's exported fp32 step (as `edge simulate --rule`
+    builds it: in-place bindings, the host target)."""
+    from edge.app.commands.sim_sources import from_rule
+    from edge.app.commands.simulate import run_simulation
 
-    net = preset("vgg6", (3, 32, 32), width)
-    rule = get(rule_name)
-    rule.check(net)
-    gen = torch.Generator().manual_seed(0)
-    params = init_params(net, gen)
-    params.update(rule.init(net, gen))
-    opt = OptimConfig("adamw", lr=1e-3)
-    model, manifest = training_step(net, rule, opt, params, opt.init_state(params), batch)
-    opts = SimOptions(graph=GraphOptions.from_manifest(manifest.step.memory_view()))
-    report = simulate(model, "host", opts)
+    cfg = TrainConfig(rule=rule_name, data=data, net=net, width=width)
+    model, manifest = from_rule(cfg, batch)
+    report = run_simulation(model, "host", manifest=manifest)
     return {
         "peak_bytes": report.peak_bytes,
         "arena_bytes": report.arena_bytes,
@@ -151,44 +123,88 @@ def simulated_step_bytes(width: float, batch: int, rule_name: str = "clapp++") -
     }
 
 
-def headline(acc: dict, mem: dict | None, spd: dict | None, ort: dict | None,
-             quant: dict | None) -> dict:
-    """The run's figures against the goals; a skipped section's figures are None."""
-    summary = acc["summary"]
-    local = {k: v for k, v in summary.items() if k not in ("bp-infonce", "bp-clapp++", "random")}
-    best = max(local, key=lambda k: local[k]["all"]["mean"])
-    h = {
-        "best_local_rule": best,
-        "accuracy_ratio": local[best]["all"]["mean"] / summary["bp-infonce"]["all"]["mean"],
-        "accuracy_ratio_last_layer": local[best]["last"]["mean"]
-        / summary["bp-infonce"]["last"]["mean"],
-        "memory_ratio": None,
-        "memory_floor_ratio": None,
-        "speed_ratio_local_vs_bp": spd["ratio_local_vs_bp"]["median"] if spd else None,
-        "speed_ratio_onnxruntime_vs_torch":
-            ort["ratio_onnxruntime_vs_torch"]["median"] if ort else None,
-        "quant_gap_points": None,
-    }
+def headline(sec: dict) -> dict:
+    """The figures against the goals from the sections at hand (None: no such section)."""
+    acc, mem = sec.get("accuracy"), sec.get("memory")
+    spd, ort, quant = sec.get("speed"), sec.get("export_speed"), sec.get("quant")
+    h: dict = {"best_local_rule": None, "accuracy_ratio": None,
+               "accuracy_ratio_last_layer": None, "memory_ratio": None,
+               "memory_floor_ratio": None, "speed_ratio_local_vs_bp": None,
+               "speed_ratio_onnxruntime_vs_torch": None, "quant_gap_points": None}
+    if acc:
+        summary = acc["summary"]
+        local = {k: v for k, v in summary.items()
+                 if k not in ("bp-infonce", "bp-clapp++", "random")}
+        if local and "bp-infonce" in summary:
+            best = max(local, key=lambda k: local[k]["all"]["mean"])
+            bp = summary["bp-infonce"]
+            h["best_local_rule"] = best
+            h["accuracy_ratio"] = local[best]["all"]["mean"] / bp["all"]["mean"]
+            h["accuracy_ratio_last_layer"] = local[best]["last"]["mean"] / bp["last"]["mean"]
     if mem:
         rows = {r["rule"]: r for r in mem["rows"]}
         h["memory_ratio"] = rows["clapp++"]["peak_bytes"] / rows["bp-infonce"]["peak_bytes"]
         h["memory_floor_ratio"] = rows["clapp++"]["peak_bytes"] / rows["clapp++"]["floor_bytes"]
+    if spd:
+        h["speed_ratio_local_vs_bp"] = spd["ratio_local_vs_bp"]["median"]
+    if ort:
+        h["speed_ratio_onnxruntime_vs_torch"] = ort["ratio_onnxruntime_vs_torch"]["median"]
     if quant:
-        r = quant["runs"]
-        # quant_accuracy reports probe accuracy in percent already
+        r = quant["runs"]  # quant_accuracy reports probe accuracy in percent already
         h["quant_gap_points"] = r["fp32"]["probe"]["all"] - r["int8-w16"]["probe"]["all"]
     return h
 
 
+# which section each headline figure comes from
+FIGURE_SECTION = {"best_local_rule": "accuracy", "accuracy_ratio": "accuracy",
+                  "accuracy_ratio_last_layer": "accuracy", "memory_ratio": "memory",
+                  "memory_floor_ratio": "memory", "speed_ratio_local_vs_bp": "speed",
+                  "speed_ratio_onnxruntime_vs_torch": "export_speed",
+                  "quant_gap_points": "quant"}
+
+
+def reusable_section(old: dict | None, reuse: str) -> bool:
+    if old is None or "error" in old:
+        return False
+    if reuse == "any":
+        return True
+    prov = old.get("provenance") or {}
+    return reuse == "same-code" and prov.get("code_digest") == code_digest()
+
+
+def status_of(name: str, data: dict | None, measured_now: bool, skipped: bool,
+              file_date: str | None) -> dict:
+    if data is None:
+        return {"status": "skipped" if skipped else "not measured"}
+    prov = data.get("provenance")
+    if "error" in data:
+        return {"status": "failed", "error": data["error"], "run": prov and prov["run"]}
+    if measured_now:
+        return {"status": "measured", "run": prov["run"], "measured": prov["measured"]}
+    if prov:
+        return {"status": "reused", "run": prov["run"], "measured": prov["measured"],
+                "commit": prov.get("commit"), "same_code": prov.get("code_digest") ==
+                code_digest()}
+    return {"status": "reused", "run": None, "measured": None,
+            "note": "no provenance recorded (written before sections kept their own); the "
+            f"file it came from was dated {file_date or 'unknown'}"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="edge benchmarks")
+    ap = argparse.ArgumentParser(description="edge benchmarks",
+                                 epilog="Reuse and provenance: see `python -m benchmarks` "
+                                 "module docstring (benchmarks/__main__.py).")
     ap.add_argument("profile", choices=sorted(PROFILES))
-    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA, ../shared/data)")
+    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="results dir (default benchmarks/results/PROFILE)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip")
-    ap.add_argument("--fresh", action="store_true", help="ignore sections already measured")
+    ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {SECTIONS}")
+    ap.add_argument("--reuse", default="same-code", choices=REUSE,
+                    help="which sections (and trained runs) already in the results may stand "
+                    "in for new ones (default: only those this very code measured)")
+    ap.add_argument("--fresh", action="store_true", help="measure everything (--reuse none)")
     a = ap.parse_args(argv)
+    reuse = "none" if a.fresh else a.reuse
     torch.set_num_threads(
         min(2, os.cpu_count() or 1) if a.device == "cpu" else torch.get_num_threads()
     )
@@ -197,60 +213,93 @@ def main(argv: list[str] | None = None) -> None:
     runs = out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, a.skip.split(",")))
-    base = TrainConfig(
-        data=p["data"],
-        net=p["net"],
-        width=p["width"],
-        epochs=p["epochs"],
-        batch_size=64,
-        subset=p["subset"],
-        device=a.device,
-    )
-    res: dict = {"profile": a.profile, "machine": machine(), "sections": {}}
+    if bad := skip - set(SECTIONS):
+        ap.error(f"unknown section(s) in --skip: {', '.join(sorted(bad))}")
+    base = TrainConfig(data=p["data"], net=p["net"], width=p["width"], epochs=p["epochs"],
+                       batch_size=64, subset=p["subset"], device=a.device)
+    old_sections, file_date = {}, None
     previous = out / "results.json"
-    if previous.exists() and not a.fresh:  # resume: keep the sections already measured
+    if previous.exists():
         old = json.loads(previous.read_text())
         if old.get("profile") == a.profile:
-            res["sections"] = old.get("sections", {})
+            old_sections = old.get("sections", {})
+            file_date = (old.get("machine") or {}).get("date")
+    res: dict = {"profile": a.profile, "run": run_id(), "reuse": reuse, "machine": machine(),
+                 "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None
+                                                               else argv),
+                 "sections": {}, "status": {}}
     t0 = time.perf_counter()
+    measured: set[str] = set()
+
+    def save() -> None:
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
 
     def section(name: str, fn):
+        old = old_sections.get(name)
         if name in skip:
+            res["status"][name] = {"status": "skipped"}
             return None
-        if name in res["sections"]:
-            return res["sections"][name]
-        print(f"[{time.perf_counter() - t0:7.0f} s] {name} ...", file=sys.stderr, flush=True)
-        res["sections"][name] = fn()
-        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
-        return res["sections"][name]
+        if reusable_section(old, reuse):
+            res["sections"][name] = old
+            print(f"[{time.perf_counter() - t0:7.0f} s] {name}: reused from run "
+                  f"{(old.get('provenance') or {}).get('run', '(no provenance)')}",
+                  file=sys.stderr, flush=True)
+            res["status"][name] = status_of(name, old, False, False, file_date)
+            return old
+        print(f"[{time.perf_counter() - t0:7.0f} s] {name}: measuring ...", file=sys.stderr,
+              flush=True)
+        s0 = time.perf_counter()
+        try:
+            data = fn()
+        except Exception as e:  # one broken section must not lose the others' figures
+            traceback.print_exc()
+            data = {"error": f"{type(e).__name__}: {e}"}
+        data["provenance"] = provenance(s0)
+        res["sections"][name] = data
+        measured.add(name)
+        res["status"][name] = status_of(name, data, True, False, file_date)
+        save()
+        return None if "error" in data else data
 
-    acc = section("accuracy", lambda: accuracy.run(
-        p["rules"], p["seeds"], base, runs, a.data_dir, alignment_every=p["alignment_every"]))
+    from benchmarks import accuracy, memory
+
+    section("accuracy", lambda: accuracy.run(
+        p["rules"], p["seeds"], base, runs, a.data_dir, alignment_every=p["alignment_every"],
+        reuse=reuse))
     small = a.profile == "smoke"
     w = 0.03125 if small else 0.125
     # every rule of the profile, plus clapp++ and both backprop baselines (the headline's
     # memory ratios are clapp++ against bp-infonce); the simulator's figure for each local
     # rule's exported step
     mem_rules = list(dict.fromkeys([*p["rules"], "clapp++", "bp-infonce", "bp-clapp++"]))
-    mem = section(
-        "memory",
-        lambda: {
-            **memory.run(mem_rules, batch=32, width=w),
-            "simulated": {r: simulated_step_bytes(w, 32, r) for r in mem_rules
-                          if not r.startswith("bp-")},
-        },
-    )
-    spd = section("speed", lambda: speed.run(batch=32, width=w, repeats=2 if small else 5))
-    from benchmarks import export_speed
+    section("memory", lambda: {
+        **memory.run(mem_rules, batch=32, width=w),
+        "simulated": {r: simulated_step_bytes(w, 32, r) for r in mem_rules
+                      if not r.startswith("bp-")},
+    })
 
-    ort = section("export_speed", lambda: export_speed.run("vgg6", w, 32, repeats=3, steps=5))
-    quant = section(
-        "quant", lambda: quant_section(a.data_dir, p["quant"])
-    )
-    if acc:
-        res["headline"] = headline(acc, mem, spd, ort, quant)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    def speed_section() -> dict:
+        from benchmarks import speed
+
+        return speed.run(batch=32, width=w, repeats=2 if small else 5)
+
+    def export_speed_section() -> dict:
+        from benchmarks import export_speed
+
+        return export_speed.run("vgg6", w, 32, repeats=3, steps=5)
+
+    section("speed", speed_section)
+    section("export_speed", export_speed_section)
+    section("quant", lambda: quant_section(a.data_dir, p["quant"], runs / "quant"))
+    good = {k: v for k, v in res["sections"].items() if "error" not in v}
+    res["headline"] = headline(good)
+    res["headline_sources"] = {k: res["status"].get(FIGURE_SECTION[k], {}).get("status")
+                               for k in res["headline"]}
+    res["measured_this_run"] = sorted(measured - {k for k, v in res["sections"].items()
+                                                  if "error" in v})
+    res["reused"] = sorted(k for k, s in res["status"].items() if s["status"] == "reused")
+    save()
     from benchmarks.report import write_report
 
     write_report(res, out)

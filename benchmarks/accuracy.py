@@ -16,11 +16,11 @@ from pathlib import Path
 
 from benchmarks import code_digest, provenance
 from edge import checkpoint
+from edge.app.config import TrainConfig
+from edge.app.train import build, train
 from edge.data import load
 from edge.nets import NetSpec
 from edge.probe import probe_accuracy
-from edge.app.config import TrainConfig
-from edge.app.train import build, train
 
 
 def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:

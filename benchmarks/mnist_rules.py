@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import random_encoder, run_one
-from edge.app.train import TrainConfig
+from benchmarks import provenance
+from benchmarks.accuracy import REUSE, random_encoder, run_one
+from edge.app.config import TrainConfig
 
 DEFAULT_LR_TEXT = "each rule's default (`edge rules`)"
 RULES = ["clapp", "clapp++", "clapp++dfb", "clapp++both", "ff", "bp-infonce"]
@@ -37,7 +38,7 @@ def _stats(vals: list[float]) -> dict:
 
 
 def run(rules: list[str], seeds: list[int], base: TrainConfig, out: Path,
-        data_dir: str | None) -> dict:
+        data_dir: str | None, reuse: str = "same-code") -> dict:
     rows = []
     for seed in seeds:
         rows.append(random_encoder(TrainConfig(**{**base.to_dict(), "seed": seed}), data_dir))
@@ -45,7 +46,8 @@ def run(rules: list[str], seeds: list[int], base: TrainConfig, out: Path,
             # alignment compares a local rule's update with backprop's: local rules only
             cfg = TrainConfig(**{**base.to_dict(), "rule": rule, "seed": seed,
                                  "alignment": not rule.startswith("bp-")})
-            row = run_one(cfg, out / "runs" / f"{rule}-s{seed}", data_dir, progress=True)
+            row = run_one(cfg, out / "runs" / f"{rule}-s{seed}", data_dir, progress=True,
+                          reuse=reuse)
             result = json.loads((out / "runs" / f"{rule}-s{seed}" / "result.json").read_text())
             row["alignment"] = result["alignment"]
             rows.append(row)
@@ -64,7 +66,10 @@ def run(rules: list[str], seeds: list[int], base: TrainConfig, out: Path,
         gains = [r["probe"]["all"] - floor[r["seed"]]["probe"]["all"] for r in mine]
         summary[name]["gain_over_random"] = _stats(gains)
         summary[name]["beats_random_every_seed"] = all(g > 0 for g in gains)
-    return {"config": base.to_dict(), "seeds": seeds, "rows": rows, "summary": summary}
+    reused = [f"{r['rule']}-s{r['seed']} (run {r['provenance']['run']}, "
+              f"{r['provenance']['measured']})" for r in rows if r.get("reused")]
+    return {"config": base.to_dict(), "seeds": seeds, "rows": rows, "summary": summary,
+            "reused_runs": reused}
 
 
 def markdown(res: dict) -> str:
@@ -77,6 +82,8 @@ def markdown(res: dict) -> str:
         f"{', '.join(map(str, res['seeds']))}; probe: all layers / last layer, mean "
         "[min-max] over seeds; gain: all-layer probe minus the same seed's random encoder; "
         "alignment: mean over layers of the per-layer cosine with the BP-InfoNCE gradient.",
+        "",
+        *provenance_lines(res),
         "",
         "| encoder | probe all (%) | probe last (%) | gain (points) | beats random (every seed) "
         "| alignment (mean) | alignment per layer |",
@@ -104,6 +111,22 @@ def markdown(res: dict) -> str:
         lines += ["", f"Spearman rank correlation of alignment with gain over the local rules: "
                   f"{rho:+.2f} (n = {len(names)})."]
     return "\n".join(lines) + "\n"
+
+
+def provenance_lines(res: dict) -> list[str]:
+    """Where and when: this run's stamp, and which trained runs it took from earlier ones."""
+    p = res.get("provenance")
+    if not p:
+        return ["Provenance: not recorded (written before runs kept their provenance)."]
+    m = p["machine"]
+    trained = [r for r in res["rows"] if r["rule"] != "random"]
+    reused = res.get("reused_runs", [])
+    line = (f"Run {p['run']}: {p['measured']}, {m['processor']}, {m['cpus']} CPUs, torch "
+            f"{m['torch']}, commit {(p['commit'] or '?')[:10]}"
+            f"{' (tree modified)' if p['tree_modified'] else ''}, {p['seconds'] / 60:.0f} min. ")
+    line += (f"{len(trained) - len(reused)} of {len(trained)} runs trained in this run"
+             + (f"; reused from earlier runs: {', '.join(reused)}." if reused else "."))
+    return [line]
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -148,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None, help="default: each rule's default_lr")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA)")
+    ap.add_argument("--reuse", default="same-code", choices=REUSE,
+                    help="cached runs that may stand in: made by the same code (default), "
+                    "any, none")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mnist_rules"))
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -157,11 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     base = TrainConfig(data="mnist", net="mnist", subset=a.subset, epochs=a.epochs,
                        batch_size=a.batch_size, lr=a.lr)
     t0 = time.perf_counter()
-    res = run(a.rules, a.seeds, base, out, a.data_dir)
+    res = run(a.rules, a.seeds, base, out, a.data_dir, a.reuse)
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    from benchmarks.__main__ import machine
-
-    res["machine"] = machine()
+    res["provenance"] = provenance(t0)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(markdown(res))
     plot(res, out / "alignment.png")

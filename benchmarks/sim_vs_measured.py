@@ -87,11 +87,14 @@ def _status(key: str) -> int:
 
 
 def _session_options(mem_pattern: bool, optimize: bool, profile: str | None = None,
-                     reuse: bool = True, order: str = "default"):
+                     reuse: bool = True, order: str = "default", arena: bool = False,
+                     prepack: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = False
+    so.enable_cpu_mem_arena = arena
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_mem_pattern = mem_pattern
     so.enable_mem_reuse = reuse
     so.execution_order = getattr(ort.ExecutionOrder, order.upper())
@@ -135,7 +138,7 @@ def _bind_outputs(sess, io) -> None:
 
 
 def child_measure(path: str, mem_pattern: bool, optimize: bool, repeats: int, reuse: bool,
-                  order: str) -> dict[str, Any]:
+                  order: str, arena: bool = False, prepack: bool = True) -> dict[str, Any]:
     """Peak extra resident memory of one run (see the module docstring)."""
     import ctypes
 
@@ -143,7 +146,8 @@ def child_measure(path: str, mem_pattern: bool, optimize: bool, repeats: int, re
 
     libc = ctypes.CDLL("libc.so.6")
     rss0 = _status("VmRSS")
-    so = _session_options(mem_pattern, optimize, reuse=reuse, order=order)
+    so = _session_options(mem_pattern, optimize, reuse=reuse, order=order, arena=arena,
+                          prepack=prepack)
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     io, keep, bound = _inputs(sess)
     deltas, seconds = [], 0.0
@@ -187,17 +191,20 @@ def _child_main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-reuse", type=int, default=1)
     p.add_argument("--order", default="default")
+    p.add_argument("--arena", type=int, default=0)
+    p.add_argument("--prepack", type=int, default=1)
     a = p.parse_args(argv)
     if a.what == "measure":
         out = child_measure(a.path, bool(a.mem_pattern), bool(a.optimize), a.repeats,
-                            bool(a.mem_reuse), a.order)
+                            bool(a.mem_reuse), a.order, bool(a.arena), bool(a.prepack))
     else:
         out = child_order(a.path, bool(a.optimize), a.order)
     print(json.dumps(out))
 
 
-def _spawn(args: list[str], timeout: float = 600) -> dict[str, Any]:
-    env = {**os.environ, **CHILD_ENV}
+def _spawn(args: list[str], timeout: float = 600, env_extra: dict | None = None
+           ) -> dict[str, Any]:
+    env = {**os.environ, **CHILD_ENV, **(env_extra or {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode:
@@ -206,11 +213,14 @@ def _spawn(args: list[str], timeout: float = 600) -> dict[str, Any]:
 
 
 def measure(path: str | Path, *, mem_pattern: bool, optimize: bool = False, repeats: int = 3,
-            reuse: bool = True, order: str = "default") -> dict[str, Any]:
-    """Measure one graph file in a fresh process (see the module docstring)."""
+            reuse: bool = True, order: str = "default", arena: bool = False,
+            prepack: bool = True, env: dict | None = None) -> dict[str, Any]:
+    """Measure one graph file in a fresh process (see the module docstring); `env` replaces
+    CHILD_ENV's entries (e.g. glibc's allocation thresholds)."""
     return _spawn(["measure", str(path), "--mem-pattern", str(int(mem_pattern)),
                    "--optimize", str(int(optimize)), "--repeats", str(repeats),
-                   "--mem-reuse", str(int(reuse)), "--order", order])
+                   "--mem-reuse", str(int(reuse)), "--order", order, "--arena",
+                   str(int(arena)), "--prepack", str(int(prepack))], env_extra=env)
 
 
 def ort_order(path: str | Path, optimize: bool = False, order: str = "default") -> list[str]:
@@ -234,33 +244,45 @@ def unreordered() -> Iterator[None]:
         passes.reorder_for_memory = original
 
 
+CASES = [("digits", "digits", "digits", 1.0, 32), ("vgg6 x1/8", "cifar10", "vgg6", 0.125, 8),
+         ("vgg6 x1/8", "cifar10", "vgg6", 0.125, 32)]
+
+
+def step_graphs(data: str, net_name: str, width: float, batch: int, per_block: bool,
+                rule_name: str = "clapp++") -> list[tuple[str, Any, dict[str, Any]]]:
+    """(part, model, manifest view): the whole fp32 step and, if `per_block`, every block's
+    graph, exported as `edge export` does (AdamW at lr 1e-3)."""
+    from edge.app.commands.sim_sources import in_shape
+    from edge.app.config import TrainConfig
+    from edge.app.train import build
+    from edge.optim import OptimConfig
+    from edge.step import init_state
+    from export.step import block_graphs, fp32_program, step_graph
+
+    cfg = TrainConfig(rule=rule_name, data=data, net=net_name, width=width)
+    net, rule, params = build(cfg, in_shape(data))
+    opt = OptimConfig("adamw", lr=1e-3)
+    state = init_state(net, rule, opt, params)
+    program = fp32_program(net, rule, opt)
+    model, man = step_graph(net, rule, program, params, state, batch)
+    out = [("whole step", model, man.step.memory_view())]
+    if per_block:
+        models, ios = block_graphs(net, rule, program, params, state, batch)
+        out += [(f"layer {i}", m, io.memory_view())
+                for i, (m, io) in enumerate(zip(models, ios, strict=True))]
+    return out
+
+
 def build_graphs(quick: bool = False) -> list[dict[str, Any]]:
     """(name, model, manifest view) for each graph compared, as exported, both node orders."""
-    from edge.app.commands.sim_sources import _net_rule
-    from edge.optim import OptimConfig
-    from export.layers import layer_step_graphs
-    from export.training_step import training_step
-
-    cases = [("digits", "digits", None, 1.0, 32), ("vgg6 x1/8", "cifar10", "vgg6", 0.125, 8),
-             ("vgg6 x1/8", "cifar10", "vgg6", 0.125, 32)]
-    if quick:
-        cases = cases[:1]
     out = []
-    for label, data, net_name, width, batch in cases:
-        net, rule, params = _net_rule("clapp++", data, net_name, width)
-        opt = OptimConfig("adamw", lr=1e-3)
-        state = opt.init_state(params)
+    for label, data, net_name, width, batch in CASES[:1] if quick else CASES:
         for order in ("exported", "reordered"):
             ctx = unreordered() if order == "exported" else contextlib.nullcontext()
             with ctx:
-                model, man = training_step(net, rule, opt, params, state, batch)
-                out.append({"graph": f"{label} b{batch} whole step", "order": order,
-                            "model": model, "manifest": man.step.memory_view()})
-                if batch == 32:
-                    models, ios = layer_step_graphs(net, rule, opt, params, state, batch)
-                    for i, (m, io) in enumerate(zip(models, ios, strict=True)):
-                        out.append({"graph": f"{label} b{batch} layer {i}", "order": order,
-                                    "model": m, "manifest": io.memory_view()})
+                for part, model, view in step_graphs(data, net_name, width, batch, batch == 32):
+                    out.append({"graph": f"{label} b{batch} {part}", "order": order,
+                                "model": model, "manifest": view})
     return out
 
 

@@ -573,6 +573,16 @@ def _pad(w: _Writer, n: onnx.NodeProto, ins: list[str]) -> None:
     pads = [int(p) for p in pads]
     if min(pads) < 0:
         raise EdgeError(f"Pad {n.name} has negative pads")
+    if not any(pads):
+        w.alias[n.output[0]] = ins[0]
+        return
+    if _bound(w, n.input[0]) <= F32_EXACT and abs(value or 0) <= F32_EXACT:
+        # exact in float32; QNN HTP's int32 Concat along the last axis misplaces values
+        xf = w.op("Cast", [ins[0]], "padf", to=TP.FLOAT)
+        pf = w.op("Pad", [xf, ins[1], w.const(float(value or 0), np.float32)], "pad",
+                  mode="constant")
+        w.op("Cast", [pf], out=n.output[0], to=TP.INT32)
+        return
     rank, x, cur = len(shape), ins[0], list(shape)
     for ax in range(rank):
         before, after = pads[ax], pads[rank + ax]

@@ -57,13 +57,14 @@ What is verified here and what is assumed (`describe_engine("loihi2")` lists it)
 * Read in Lava's source (lava-nc, BSD-3; src/lava/magma/core/learning/constants.py,
   learning_rule_applier.py, product_series.py, random.py, utils.py; model/py/connection.py;
   proc/dense; utils/weightutils.py) and cross-checked once, outside the tests, by running
-  Lava 0.10.0's own LoihiLearningRule parser, LearningRuleApplierBitApprox and the learning
-  phase of LearningConnectionModelBitApproximate on the same data (equal bit for bit;
-  `test_against_lava` repeats it wherever lava is importable): the widths, the product
-  arithmetic, the stochastic rounding, the weight clip.
+  lava-nc 0.10.0's own rule parser, graded-spike pre traces, LearningRuleApplierBitApprox
+  and the learning phase of LearningConnectionModelBitApproximate on the same data (equal
+  bit for bit, saturation included; `test_against_lava` repeats it wherever lava imports):
+  the widths, the product arithmetic, the stochastic rounding, the weight clip.
 * Lava says of that model that it "does not implement the exact behavior of Loihi" (its
   docstring): silicon's datapath is not public, so bit-exactness is to Lava's model. Intel's
   Loihi 2 brief (8-bit weights, stochastic rounding, three-factor rules) was not read here.
+  Each row of WIDTH_ROWS names the file it comes from.
 * Assumed: one sample per learning epoch, its pre trace held through the epoch (Lava's model
   decays traces stochastically; a very long time constant holds a value almost surely, as
   Lava's three-factor rule does for its post traces), the post neuron computing the gated
@@ -440,7 +441,9 @@ MAPPING = (
      "S = -2^(5 - K) maps edge's int8-store shift K (K in [-3, 12]; rule_for_lr_shift)"),
     ("int8 weight [-127, 127] (int8-w16: int16 store, 8 extra bits)",
      "9-bit signed weight [-256, 255], 7 accumulator bits below its LSB per epoch",
-     "small steps survive only as the probability of a 1-LSB change"),
+     "small steps survive only as the probability of a 1-LSB change; Lava's model feeds the "
+     "learned 9-bit weight to the forward, scaled by the connection's shared weight_exp "
+     "(proc/dense/models.py)"),
 )
 
 LIMITS = (
@@ -486,10 +489,14 @@ LIMITS = (
 )
 
 VERIFIED = (
-    "engine_dense_update (this module's NumPy model of the learning phase) equals Lava 0.10.0's "
-    "own parser (LoihiLearningRule), LearningRuleApplierBitApprox and "
-    "LearningConnectionModelBitApproximate._apply_learning_rules bit for bit on random data "
-    "(checked once here; tests/test_loihi.py::test_against_lava wherever lava imports)",
+    "engine_dense_update (this module's NumPy model of the learning phase) equals lava-nc "
+    "0.10.0's own code bit for bit on random data, saturating cases included: its parser "
+    "(Loihi3FLearningRule), graded-spike pre traces (_process_pre_spikes, OVERWRITE), "
+    "LearningRuleApplierBitApprox and the learning phase "
+    "(LearningConnectionModelBitApproximate._apply_learning_rules); run once when this was "
+    "written, with the lava-nc wheel unpacked on the path (it asks for Python < 3.11, its "
+    "learning modules import under 3.11) and asteval; tests/test_loihi.py::test_against_lava "
+    "repeats it wherever lava imports, and skips elsewhere",
     "edge_dense_update (edge's intops, ReLU and Linear integer forms, apply_update) equals "
     "engine_dense_update bit for bit: random data, several seeds, 16-bit saturation, fixed "
     "random bits, shared and per-synapse random numbers (tests/test_loihi.py)",
@@ -550,7 +557,8 @@ def describe_engine(name: str = "loihi2") -> dict[str, Any]:
                              "neuron) on a LearningDense connection",
             "products": rule.products(),
             "product_shift": rule.shift,
-            "scale": "S = mantissa * 2^exponent, mantissa in [-8, 7], exponent in [-7, 8]; "
+            "scale": "S = mantissa * 2^exponent, exponent in [-7, 8], mantissa in [-7, 7] "
+                     "(Lava: [-8, 7]; the y3 product carries the negated mantissa); "
                      "S = -2^(5 - K) for edge's int8-store learning-rate shift K",
             "per_epoch": "T = clip16(floor(mantissa * x1 * r[y>0] / 2^3) * 2^(exponent + 7)); "
                          "w' = clip9(SR_7(clip16(w * 2^7 + T)) / 2^7)",

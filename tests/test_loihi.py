@@ -269,7 +269,12 @@ def lava_update(w, x, y, r, expression: str, rand):
 def test_against_lava(seed):
     pytest.importorskip("lava.magma.core.model.py.connection")
     w, x, y, r, rand = data(seed, n=5, per_synapse=seed == 2)
+    w[:, :2] = (255, -256)
+    clipped = 0
     for rule in (DenseRule(-1, -7), DenseRule(-5, -3), DenseRule(3, 2), DenseRule(-8, 0),
                  DenseRule(7, 8)):
         got = lava_update(w, x, y, r, rule.expression(), rand)
-        np.testing.assert_array_equal(engine_dense_update(w, x, y, r, rule, rand).weights, got)
+        run = engine_dense_update(w, x, y, r, rule, rand)
+        np.testing.assert_array_equal(run.weights, got)
+        clipped += run.clipped
+    assert clipped > 0
