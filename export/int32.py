@@ -501,8 +501,11 @@ def _conv(w: _Writer, n: onnx.NodeProto, ins: list[str]) -> None:
     for s in range(0, cg, chunk):
         e = min(cg, s + chunk)
         x_c, w_c = xf, wf
-        if (s, e) != (0, cg):
-            xg = w.op("Reshape", [xf, _i64(w, [nb, groups, cg, h, wd])])
+        if (s, e) != (0, cg) and groups == 1:
+            x_c = w.op("Slice", [xf, _i64(w, [s]), _i64(w, [e]), _i64(w, [1])])
+            w_c = w.op("Slice", [wf, _i64(w, [s]), _i64(w, [e]), _i64(w, [1])])
+        elif (s, e) != (0, cg):  # the slice of every group's channels, at rank 4
+            xg = w.op("Reshape", [xf, _i64(w, [nb, groups, cg, h * wd])])
             xg = w.op("Slice", [xg, _i64(w, [s]), _i64(w, [e]), _i64(w, [2])])
             x_c = w.op("Reshape", [xg, _i64(w, [nb, groups * (e - s), h, wd])])
             w_c = w.op("Slice", [wf, _i64(w, [s]), _i64(w, [e]), _i64(w, [1])])

@@ -4,21 +4,27 @@
     IreeModule(vmfb, input_names, output_names).run(feeds) -> {name: ndarray}
     cross_compile(model, cpu, out_dir) -> Artifact   a static library (.o + .h) and its VM module
     compile_bundle(bundle_dir, target) -> dict       all of it for a bundle, with a parity check
-    elf_sizes(path) -> {"code", "rodata", "data", "bss"}
+    elf_sizes(path) -> {"code", "rodata", "data", "bss"};  elf_undefined(path) -> symbols
 
 The `iree` extra brings iree-base-compiler (with `iree-import-onnx`) and iree-base-runtime.
 Graphs go through the npu operator profile first: the plain graph's max-pool backward
 (ScatterElements by MaxPool indices) compiles but crashes the llvm-cpu code at run time, and
 the profile's rewrite is exact (export/profile.py).
 
-Integer steps: IREE 3.13's ONNX import cannot legalize a Cast to int16 (the int8-w16 plan's
-16-bit weight stores), so integer steps do not compile yet; the error names the Cast.
+Integer steps: IREE 3.13's ONNX import cannot legalize a Cast to int16 or uint16 (the
+int8-w16 plan's 16-bit weight stores), while it takes CastLike to the same type; `prepare`
+rewrites every such Cast(x, to=T) into CastLike(x, a T scalar), which ONNX defines as the same
+conversion (`cast_like_16`). Everything else of the integer step (int64 elementwise maths,
+MatMulInteger, ConvInteger, int8 / uint8 / int16 tensors) compiles as it is, bit-exact with
+onnxruntime on the host. On 32-bit MCUs some int64 and float64 maths (the loss) becomes
+compiler-rt / libgcc calls (`__muldi3`, `__adddf3`, ...) that the firmware links, like
+memcpy: the artifact lists them (`imports`, the object's undefined symbols).
 
 Cross compilation: the target file's `cpu` picks an LLVM triple and *explicit* CPU features
 (LLVM cannot derive Arm / RISC-V features from a CPU name here). The result is the dispatch
 code as an ELF object for static linking (`--iree-llvmcpu-link-static`) plus the VM module
 that schedules it. On chips without an FPU (Cortex-M0+) the float maths calls soft-float
-helpers (`__aeabi_fmul`, ...) that the firmware's libgcc / compiler-rt provides at link time,
+helpers (`__mulsf3`, ...) that the firmware's libgcc / compiler-rt provides at link time,
 as it also provides memcpy/memset. Code size = the object's executable sections; the IREE
 runtime itself (VM + HAL, linked once per firmware) is not counted.
 """
@@ -84,6 +90,7 @@ class Artifact:
     bss_bytes: int
     module_bytes: int
     seconds: float
+    imports: tuple[str, ...] = ()  # symbols the firmware links in (compiler-rt / libgcc helpers)
 
     @property
     def flash_bytes(self) -> int:
@@ -128,7 +135,34 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     bad = [v for v in npu_violations(model) if v.startswith(CRASHERS)]
     if bad:
         raise EdgeError(f"IREE cannot run this graph safely: {', '.join(bad)}")
-    return model
+    return cast_like_16(model)
+
+
+_LIKE_16 = {onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}
+
+
+def cast_like_16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Cast to int16 / uint16 as CastLike to a scalar of that type (the same
+    conversion by the ONNX definition of CastLike; IREE's importer refuses the Cast)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    likes: dict[int, str] = {}
+    for node in out.graph.node:
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            continue
+        to = onnx.helper.get_attribute_value(node.attribute[0])
+        if to not in _LIKE_16:
+            continue
+        if to not in likes:
+            likes[to] = f"cast_like/{np.dtype(_LIKE_16[to]).name}"
+            out.graph.initializer.append(
+                onnx.numpy_helper.from_array(np.zeros((), _LIKE_16[to]), likes[to]))
+        node.op_type = "CastLike"
+        del node.attribute[:]
+        node.input.append(likes[to])
+    if likes and max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) < 15:
+        raise EdgeError("CastLike needs opset 15; the graph's is older")
+    return out
 
 
 def import_onnx(model: onnx.ModelProto, work: Path) -> Path:
@@ -194,16 +228,18 @@ def cross_compile(model: onnx.ModelProto, cpu: str, out_dir: Path, rel_to: Path 
     return Artifact(cpu, spec.triple, spec.features, str(lib.relative_to(base)),
                     str(lib.with_suffix(".h").relative_to(base)), str(module.relative_to(base)),
                     sizes["code"], sizes["rodata"], sizes["data"], sizes["bss"],
-                    module.stat().st_size, round(seconds, 2))
+                    module.stat().st_size, round(seconds, 2), elf_undefined(lib))
 
 
 class IreeModule:
     """A compiled step in the IREE runtime (local-sync: one thread, deterministic)."""
 
     def __init__(self, vmfb: bytes, input_names: list[str], output_names: list[str],
-                 function: str = "main_graph"):
+                 function: str = "main_graph", output_dtypes: list[Any] | None = None):
         rt = _runtime()
         self.input_names, self.output_names = list(input_names), list(output_names)
+        # the runtime hands unsigned tensors back as signed ones of the same width
+        self.output_dtypes = [np.dtype(d) for d in output_dtypes] if output_dtypes else None
         config = rt.Config(device=rt.get_device("local-sync"))
         self._ctx = rt.SystemContext(config=config)
         self._ctx.add_vm_module(rt.VmModule.copy_buffer(self._ctx.instance, vmfb))
@@ -214,7 +250,12 @@ class IreeModule:
         args = [np.array(feeds[n], order="C", copy=True) for n in self.input_names]
         res = self._fn(*args)
         res = res if isinstance(res, list | tuple) else [res]
-        return {n: np.asarray(r.to_host()) for n, r in zip(self.output_names, res, strict=True)}
+        out = {n: np.asarray(r.to_host()) for n, r in zip(self.output_names, res, strict=True)}
+        if self.output_dtypes:
+            for (n, a), d in zip(out.items(), self.output_dtypes, strict=True):
+                if a.dtype != d and a.dtype.itemsize == d.itemsize:
+                    out[n] = a.view(d)
+        return out
 
 
 # ------------------------------------------------------------------------------ ELF sizes
@@ -258,6 +299,48 @@ def elf_sizes(path: str | Path) -> dict[str, int]:
         else:
             out["data"] += size
     return out
+
+
+_SHT_SYMTAB = 2
+
+
+def elf_undefined(path: str | Path) -> tuple[str, ...]:
+    """The undefined global symbols of an ELF object (what the firmware's link provides)."""
+    blob = Path(path).read_bytes()
+    is64, e = blob[4] == 2, "<" if blob[5] == 1 else ">"
+    if is64:
+        shoff, = struct.unpack_from(e + "Q", blob, 0x28)
+        shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x3A)
+    else:
+        shoff, = struct.unpack_from(e + "I", blob, 0x20)
+        shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x2E)
+
+    def section(i: int) -> tuple[int, int, int, int, int]:  # type, offset, size, link, entsize
+        off = shoff + i * shentsize
+        if is64:
+            _, kind, _, _, sh_off, size, link, _, _, ent = struct.unpack_from(e + "IIQQQQIIQQ",
+                                                                              blob, off)
+        else:
+            _, kind, _, _, sh_off, size, link, _, _, ent = struct.unpack_from(e + "IIIIIIIIII",
+                                                                              blob, off)
+        return kind, sh_off, size, link, ent
+
+    names: set[str] = set()
+    for i in range(shnum):
+        kind, off, size, link, ent = section(i)
+        if kind != _SHT_SYMTAB or not ent:
+            continue
+        _, str_off, _, _, _ = section(link)
+        for k in range(1, size // ent):
+            at = off + k * ent
+            if is64:
+                name, info, _, shndx = struct.unpack_from(e + "IBBH", blob, at)
+            else:
+                name, _, _, info, _, shndx = struct.unpack_from(e + "IIIBBH", blob, at)
+            if shndx == 0 and info >> 4 != 0:  # undefined, not local
+                end = blob.index(b"\0", str_off + name)
+                names.add(blob[str_off + name:end].decode())
+    return tuple(sorted(names))
 
 
 # ------------------------------------------------------------------------------ bundles
@@ -311,7 +394,8 @@ def compile_bundle(bundle: str | Path, target: Any = None, steps: int = 3) -> di
     host_seconds = time.perf_counter() - start
     (out / "host.vmfb").write_bytes(vmfb)
     io = manifest.step
-    module = IreeModule(vmfb, [t.name for t in io.inputs], [t.name for t in io.outputs])
+    module = IreeModule(vmfb, [t.name for t in io.inputs], [t.name for t in io.outputs],
+                        output_dtypes=[t.dtype for t in io.outputs])
     check = parity(plain, io, load_state(bundle), module, steps=steps, noise=manifest.noise)
     if check["max_rel_l2"] > TOLERANCE or not check["integers_equal"]:
         raise EdgeError(f"IREE's step differs from onnxruntime's: relative L2 "

@@ -50,7 +50,9 @@ The passes, in order:
               Cast(x -> bool) -> [x != 0] (1 - the == 0 form)
               Where(s, x, y)  -> s x + (1 - s) y in x's type (float or integer: one of the two
                        products is 0, so nothing overflows); s x for a scalar y = 0,
-                       (1 - s) y for a scalar x = 0
+                       (1 - s) y for a scalar x = 0; 8/16-bit integers (max-pool offsets)
+                       of a float step in float32, cast back (exact; NPUs have no narrow
+                       integer maths in float graphs)
               Sign(x) -> step(x) - step(-x) for floats, Clip(x, -1, 1) for integers
               Identity / Reshape / (Un)Squeeze / Expand / Transpose / Slice / Flatten / Tile /
               Gather / Concat of booleans -> the same op on the 0/1 tensors
@@ -84,6 +86,7 @@ BANNED_OPS = frozenset(
 D = ir.DataType
 FLOATS = frozenset((D.FLOAT, D.FLOAT16, D.DOUBLE, D.BFLOAT16))
 INTS = frozenset((D.INT8, D.INT16, D.INT32, D.INT64, D.UINT8, D.UINT16, D.UINT32, D.UINT64))
+NARROW_INTS = frozenset((D.INT8, D.UINT8, D.INT16, D.UINT16))  # exact in float32
 WIDER = {
     D.INT8: D.INT32,
     D.UINT8: D.INT32,
@@ -129,13 +132,17 @@ def npu_profile(model: onnx.ModelProto) -> onnx.ModelProto:
         model,
         FoldPass(),
         _infer(),
-        BooleansToArithmeticPass(),
+        BooleansToArithmeticPass(narrow_in_float=not _integer_step(model)),
         common.CommonSubexpressionEliminationPass(),
         common.RemoveUnusedNodesPass(),
         _infer(),
     )
     check_model(out, [i.name for i in model.graph.input], [o.name for o in model.graph.output])
     return out
+
+
+def _integer_step(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("MatMulInteger", "ConvInteger") for n in model.graph.node)
 
 
 def npu_violations(model: onnx.ModelProto) -> list[str]:
@@ -173,10 +180,15 @@ def _static(v: ir.Value) -> bool:
 class BooleansToArithmeticPass(ir.passes.InPlacePass):
     """Every boolean of the main graph as exact 0/1 arithmetic (module docstring, pass 2).
     Needs the values' dtypes (shape inference first); leaves the dead booleans to
-    RemoveUnusedNodesPass."""
+    RemoveUnusedNodesPass. `narrow_in_float`: Where on 8/16-bit integers in float32 (float
+    steps; an integer step keeps its integer maths, which export.int32 widens for NPUs)."""
+
+    def __init__(self, narrow_in_float: bool = True):
+        super().__init__()
+        self.narrow_in_float = narrow_in_float
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rewriter = _Booleans(model.graph)
+        rewriter = _Booleans(model.graph, self.narrow_in_float)
         rewriter.run()
         return ir.passes.PassResult(model, modified=rewriter.modified)
 
@@ -200,9 +212,11 @@ def _scalar_like(c: np.ndarray | None, rank: int | None) -> bool:
 class _Booleans:
     """The rewrite of one graph: `num` maps each boolean value to its 0/1 tensor."""
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, narrow_in_float: bool = True):
         self.graph = graph
+        self.narrow_in_float = narrow_in_float
         self.num: dict[ir.Value, ir.Value] = {}
+        self.wide: dict[ir.Value, ir.Value] = {}  # narrow integer -> its exact float32 form
         self.consts: dict[tuple[Any, ...], ir.Value] = {}
         self.names = {
             v.name
@@ -257,6 +271,10 @@ class _Booleans:
         if c is not None:
             return self.const(c, dtype)  # exact: only 0/1 tensors and widenings come here
         return self.op("Cast", [v], dtype, to=dtype)
+
+    def widen(self, v: ir.Value, dtype: ir.DataType) -> ir.Value:
+        """`v` in `dtype`: the float32 form kept for a rewritten narrow integer, else a cast."""
+        return self.wide[v] if dtype == D.FLOAT and v in self.wide else self.cast(v, dtype)
 
     def bool01(self, v: ir.Value | None, dtype: ir.DataType | None) -> ir.Value | None:
         """The 0/1 tensor of boolean `v` (a rewritten one, or a constant), in `dtype` when
@@ -356,19 +374,25 @@ class _Booleans:
         if x is None or y is None or x.dtype != y.dtype or x.dtype not in FLOATS | INTS:
             return
         t = x.dtype
-        s = self.bool01(cond, t)
+        # NPUs' float graphs have no 8/16-bit integer arithmetic
+        u = D.FLOAT if self.narrow_in_float and t in NARROW_INTS else t
+        s = self.bool01(cond, u)
         if s is None:
             return
+        x, y = self.widen(x, u), self.widen(y, u)  # exact: float32 holds 16-bit integers
         xc, yc, rank = _constant(x), _constant(y), _rank(out)
         if _scalar_like(yc, rank) and not yc.any():
-            r = self.op("Mul", [s, x], t)
+            r = self.op("Mul", [s, x], u)
         elif _scalar_like(xc, rank) and not xc.any():
-            r = self.op("Mul", [self.op("Sub", [self.const(1, t), s], t), y], t)
+            r = self.op("Mul", [self.op("Sub", [self.const(1, u), s], u), y], u)
         else:
-            sx = self.op("Mul", [s, x], t)
-            rest = self.op("Mul", [self.op("Sub", [self.const(1, t), s], t), y], t)
-            r = self.op("Add", [sx, rest], t)
-        self.replace(out, r)
+            sx = self.op("Mul", [s, x], u)
+            rest = self.op("Mul", [self.op("Sub", [self.const(1, u), s], u), y], u)
+            r = self.op("Add", [sx, rest], u)
+        narrow = self.cast(r, t)
+        if narrow is not r:
+            self.wide[narrow] = r  # its readers here read r (the cast dies unless kept)
+        self.replace(out, narrow)
 
     def _sign(self, node: ir.Node) -> None:
         x, out = node.inputs[0], node.outputs[0]
@@ -429,6 +453,9 @@ class _Booleans:
             return self.op("Sub", [self.const(1, u), xor], u)
         if t in FLOATS:
             return self._float_compare(op, a, b, t)
+        if t in NARROW_INTS and (a in self.wide or b in self.wide):
+            return self._float_compare(op, self.widen(a, D.FLOAT), self.widen(b, D.FLOAT),
+                                       D.FLOAT)
         if t in INTS:
             ca, cb = _constant(a), _constant(b)
             if _scalar_like(ca, _rank(b)) and not _scalar_like(cb, _rank(a)):

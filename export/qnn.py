@@ -1,6 +1,7 @@
 """Qualcomm QNN HTP (the Hexagon NPU) through onnxruntime-qnn, never with a silent CPU fallback.
 
     qnn_session(model_bytes, precision="fp16", soc_model=DEFAULT_SOC) -> (session, Placement)
+    integer_session(model) -> (session, Placement, Int32Form)   an integer step, whole on HTP
     available() -> bool
 
 `onnxruntime-qnn` (the `qnn` extra) is an onnxruntime plugin: its Linux x86_64 wheel carries
@@ -10,16 +11,26 @@ by QNN's HTP graph compiler and executed here. Every session is created with
 or part of it, on its CPU provider without a word) and records which provider got each node;
 a graph that QNN cannot take whole is an EdgeError naming the operators left on the CPU.
 
-Precision (measured on the simulator, QNN 2.51 in onnxruntime-qnn 2.7.0): float graphs run
-in fp16 (`enable_htp_fp16_precision=1` with a `soc_model`). That suits optimizers whose state
-stays in fp16's range: AdamW's second moment (~1e-9 after one step) and eps (1e-8) underflow
-fp16 (smallest subnormal 6e-8), so an AdamW step is wrong by far more than FP16_TOLERANCE and
-is refused. QNN's HTP fp32 path (no soc_model) is not offered: its graph finalisation fails
+Float steps (measured on the simulator, QNN 2.51 in onnxruntime-qnn 2.7.0) run in fp16
+(`enable_htp_fp16_precision=1` with a `soc_model`). That suits optimizers whose state stays
+in fp16's range: AdamW's second moment (~1e-9 after one step) and eps (1e-8) underflow fp16
+(smallest subnormal 6e-8), so an AdamW step is wrong by far more than FP16_TOLERANCE and is
+refused. An fp32 float step is not offered: its graph finalisation fails
 (QNN_COMMON_ERROR_MEM_ALLOC) for a comparison -> Cast feeding arithmetic and also for Sub,
-Div or Sqrt feeding Mul, which every optimizer update contains; and the backend keeps the
-first session's settings for the whole process, so an fp32 session made after an fp16 one
-silently runs in fp16. Integer steps (MatMulInteger, integer Neg, Cast) are not taken by the
-HTP: the error lists them.
+Div or Sqrt feeding Mul, which every optimizer update contains.
+
+Integer steps run in their int32 form (export.int32: int32 elementwise arithmetic, products
+as float32 MatMul / Conv over chunks whose sums stay below 2^24, movement ops at rank <= 4)
+in a session without `soc_model` or fp16, where the HTP's float32 MatMul and Conv are exact
+on such sums (with a `soc_model` they are not: fp16-like errors). The plain integer graph is
+refused op by op (MatMulInteger, ConvInteger, Neg, Pad, casts to and from int8 stay on the
+CPU; int64 tensors are truncated to int32; integer Mod is wrong for negative values); the
+form leaves none of that. Measured: every node on the HTP and bit-exact with the torch
+integer step for the tested presets (tests/test_qnn.py, benchmarks/runtimes.py).
+
+One precision per process: the backend keeps the first fp16 session's settings, so an fp32
+(integer) session made after it silently computes in fp16, and one made before it fails at
+its next run. The first session fixes the process's precision; another is an EdgeError.
 """
 
 from __future__ import annotations
@@ -108,11 +119,29 @@ def quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def _options(precision: str, soc_model: str) -> dict[str, str]:
+INTEGER_PRECISION = "fp32"  # the int32 form's products: float32 MatMul / Conv, exact sums
+_PROCESS_PRECISION: list[str] = []  # the precision of this process's first session
+
+
+def _options(precision: str, soc_model: str | None) -> dict[str, str]:
+    if precision == INTEGER_PRECISION:
+        _claim(precision)
+        return {"backend_path": _register(), "htp_performance_mode": "burst"}
     if precision not in PRECISIONS:
         raise EdgeError(f"unknown QNN precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    _claim(precision)
     return {"backend_path": _register(), "htp_performance_mode": "burst",
             "soc_model": str(soc_model), "enable_htp_fp16_precision": "1"}
+
+
+def _claim(precision: str) -> None:
+    """The process's QNN precision is its first session's (module docstring)."""
+    if not _PROCESS_PRECISION:
+        _PROCESS_PRECISION.append(precision)
+    elif _PROCESS_PRECISION[0] != precision:
+        kind = {INTEGER_PRECISION: "integer (fp32)"}.get(precision, f"{precision} float")
+        raise EdgeError(f"QNN HTP keeps one precision per process and this one already runs "
+                        f"{_PROCESS_PRECISION[0]} graphs; run the {kind} step in a new process")
 
 
 def _session(blob: bytes, opts: dict[str, str], fallback: bool, threads: int) -> Any:
@@ -152,7 +181,12 @@ def qnn_session(
     blob: bytes, precision: str = "fp16", soc_model: str = DEFAULT_SOC, threads: int = 1
 ) -> tuple[Any, Placement]:
     """An onnxruntime session with every node on QNN HTP, and where the nodes went."""
-    opts = _options(precision, soc_model)
+    return _whole(blob, _options(precision, soc_model), precision, threads)
+
+
+def _whole(
+    blob: bytes, opts: dict[str, str], precision: str, threads: int
+) -> tuple[Any, Placement]:
     try:
         session = _session(blob, opts, fallback=False, threads=threads)
     except EdgeError:
@@ -170,6 +204,28 @@ def qnn_session(
     if not where.complete:  # belt and braces: never run a partly-CPU graph as "QNN"
         raise EdgeError(_left_on_cpu(where))
     return session, where
+
+
+def is_integer_graph(model: Any) -> bool:
+    """Whether a graph is an integer step (it has integer products)."""
+    from export.int32 import is_integer_graph as integer
+
+    return integer(model)
+
+
+def integer_session(model: Any, threads: int = 1) -> tuple[Any, Placement, Any]:
+    """An integer step's int32 form (export.int32) in an fp32 HTP session, every node on the
+    HTP; returns the session, where the nodes went and the form (it converts the arrays at
+    the graph's interface)."""
+    from export.int32 import int32_form
+    from export.profile import BANNED_OPS, npu_profile
+
+    if any(n.op_type in BANNED_OPS for n in model.graph.node):
+        model = npu_profile(model)
+    form = int32_form(model)
+    session, where = _whole(form.model.SerializeToString(), _options(INTEGER_PRECISION, None),
+                            INTEGER_PRECISION, threads)
+    return session, where, form
 
 
 def check_optimizer(optimizer: str, precision: str) -> None:

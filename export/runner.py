@@ -2,7 +2,8 @@
 
     Runner(model_or_path, runtime="onnxruntime", provider="CPUExecutionProvider", threads=2)
     Runner(model_or_path, runtime="openvino", device="CPU", threads=2)
-    Runner(model_or_path, runtime="qnn-htp")   # QNN HTP, fp16, no CPU fallback (export.qnn)
+    Runner(model_or_path, runtime="qnn-htp")   # QNN HTP, no CPU fallback (export.qnn): fp16,
+                                               # or an integer step's int32 form (export.int32)
     Runner(model_or_path, runtime="iree")      # IREE llvm-cpu on this machine (export.iree)
     runner.run({name: ndarray}) -> {name: ndarray}
 
@@ -127,9 +128,15 @@ class Runner:
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
     def _init_qnn(self, blob: bytes, options: dict[str, Any]) -> None:
-        from export.qnn import qnn_session
+        from export.qnn import integer_session, is_integer_graph, qnn_session
 
-        self._sess, self.placement = qnn_session(blob, threads=self.threads, **options)
+        model = onnx.load_model_from_string(blob)
+        self._form = None  # integer steps: the int32 form, which converts at its interface
+        if is_integer_graph(model):
+            self._sess, self.placement, self._form = integer_session(model,
+                                                                     threads=self.threads)
+        else:
+            self._sess, self.placement = qnn_session(blob, threads=self.threads, **options)
         self.device = "QNN HTP"
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self._shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
@@ -146,8 +153,10 @@ class Runner:
                                       for d in i.type.tensor_type.shape.dim)
                         for i in graph.input}
         self.device = "IREE llvm-cpu (local-sync)"
+        dtypes = [onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
+                  for o in graph.output]
         self._module = IreeModule(compile_host(onnx.load_model_from_string(blob)),
-                                  self.input_names, self.output_names)
+                                  self.input_names, self.output_names, output_dtypes=dtypes)
 
     def _init_openvino(self, blob: bytes, device: str) -> None:
         ov = _openvino()
@@ -192,6 +201,9 @@ class Runner:
             if not ok:
                 shown = [w if w is not None else "?" for w in want]
                 raise EdgeError(f"input {n} has shape {list(a.shape)}, the graph wants {shown}")
+        if self.runtime == "qnn-htp" and self._form is not None:
+            outs = self._sess.run(self.output_names, self._form.feed(arrays))
+            return self._form.restore(dict(zip(self.output_names, outs, strict=True)))
         if self.runtime in ("onnxruntime", "qnn-htp"):
             outs = self._sess.run(self.output_names, arrays)
             return dict(zip(self.output_names, outs, strict=True))
@@ -300,6 +312,15 @@ class OnnxStepper:
             _runtime()
         elif provider is not None:
             check_provider(provider)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the step: runtime, device, operator profile, graphs and, on
+        accelerators, where each graph's nodes went."""
+        placed = [r.placement.to_dict() for r in self._runners if r.placement is not None]
+        return {"name": self.runner_args["runtime"], "profile": self.profile,
+                "device": self._runners[0].device if self._runners else None,
+                "per_layer": self.per_layer, "graphs": len(self._runners),
+                "placement": placed or None}
 
     @classmethod
     def from_graphs(

@@ -167,3 +167,42 @@ def test_a_rerun_into_a_used_out_is_refused(capsys, tmp_path):
     code, _, err = run(capsys, *args)
     assert code == 2 and "already holds a run" in err and err.count("\n") == 1
     assert run(capsys, *args, "--overwrite", "--json")[0] in (0, None)
+
+
+INTEGER_RUN = ["train", "--quant", "int8-w16", "--mode", "integer", "--subset", "64",
+               "--epochs", "1", "--batch-size", "16", "--width", "0.25", "--json"]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino",
+                                     pytest.param("iree", marks=pytest.mark.slow)])
+def test_integer_training_on_a_runtime_is_torch_bit_for_bit(capsys, tmp_path, runtime):
+    """Every step of a full epoch in the exported integer graph: the same weights as torch."""
+    if runtime == "iree":
+        pytest.importorskip("iree.compiler")
+    code, out, err = run(capsys, *INTEGER_RUN, "--runtime", "torch", "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    want = json.loads(out)
+    code, out, err = run(capsys, *INTEGER_RUN, "--runtime", runtime, "--out",
+                         str(tmp_path / runtime))
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["runtime"]["name"] == runtime and got["runtime"]["graphs"] == 1
+    assert got["weights_digest"] == want["weights_digest"]
+    assert got["history"] == want["history"]
+
+
+def test_integer_training_on_qnn_htp_is_torch_bit_for_bit(tmp_path):
+    """The same on the QNN HTP simulator, every node on the HTP (a child process: the HTP
+    keeps one precision per process)."""
+    pytest.importorskip("onnxruntime_qnn")
+    digests = {}
+    for rt in ("torch", "qnn-htp"):
+        done = subprocess.run([sys.executable, "-m", "edge", *INTEGER_RUN, "--runtime", rt,
+                               "--out", str(tmp_path / rt)], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        r = json.loads(done.stdout)
+        digests[rt] = r["weights_digest"]
+    placed = r["runtime"]["placement"]
+    assert placed and all(p["on_accelerator"] == p["nodes"] and not p["cpu_ops"] for p in placed)
+    assert digests["qnn-htp"] == digests["torch"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +179,15 @@ def make_engine(cfg: TrainConfig, head: Any = None) -> Any:
     return QuantEngine(cfg.quant, cfg.mode, step_factory=factory, head=head)
 
 
+def _runtime(engine: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """What ran the steps (`OnnxStepper.describe` for an exported step)."""
+    step = getattr(engine, "step_fn", None)
+    step = getattr(step, "stepper", step)  # integer mode wraps the stepper
+    if hasattr(step, "describe"):
+        return step.describe()
+    return {"name": cfg.runtime, "device": cfg.device}
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
@@ -210,14 +220,24 @@ def train(
     engine: Any = None,
     probe: bool = True,
     init: tuple[NetSpec, dict] | None = None,
+    dataset: Any = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, probe. `engine` replaces the one `cfg` asks for;
     `init` = (net, params) starts from a given network (e.g. `edge.nets.from_torch`) instead
-    of `cfg.net`; `probe=False` skips the linear probes (then `probe_accuracy` and
-    `random_probe_accuracy` are None)."""
+    of `cfg.net`; `dataset` (an `edge.data.Dataset`) replaces loading `cfg.data`;
+    `probe=False` skips the linear probes (then `probe_accuracy` and `random_probe_accuracy`
+    are None). `dist` (`edge.app.distributed.Comm`; by default the
+    group torchrun describes in the environment, if any) trains on several processes: rank 0
+    alone writes the checkpoint and the result and probes."""
     t0 = time.perf_counter()
     out = Path(out)
-    ds = load(cfg.data, data_dir, cfg.subset)
+    if dist is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # distributed hook
+        from edge.app.distributed import from_env
+
+        dist = from_env(cfg)
+    probe = probe and (dist is None or dist.writer)  # distributed hook
+    ds = dataset if dataset is not None else load(cfg.data, data_dir, cfg.subset)
     if init is not None:
         net, params0 = fold_batchnorm(*init)
         rule = make_rule(cfg)
@@ -242,7 +262,7 @@ def train(
         head = PrototypeHead(ds.num_classes, net.shapes()[-1])
         labelled = head_labels(ds, cfg.head_labels)
     ckpt_path = _check_out(out, resume, overwrite)  # after every check: nothing is touched
-    engine = engine or make_engine(cfg, head)
+    engine = engine or (dist.engine(cfg, head) if dist else make_engine(cfg, head))
     engine.bind(net, rule, opt)
     device = torch.device(cfg.device)
     x_all = ds.x_ssl  # STL-10's unlabeled split where there is one; the probe uses the labels
@@ -300,13 +320,16 @@ def train(
                     total += loss
                     bar.update(task, advance=1,
                                info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
+                if dist is not None:  # distributed hook: the pipeline's stages add up
+                    total = dist.epoch_loss(total)
                 history.append({"epoch": epoch + 1, "loss": total / steps})
                 if align:  # mean over the epoch's batches, per block
                     history[-1]["alignment"] = [sum(c) / len(c) for c in zip(*align, strict=True)]
                 meta = {"config": cfg.to_dict(), "net": net.to_dict(), "epoch": epoch + 1,
                         "history": history, "data_shape": list(ds.in_shape)}
                 params, state, meta["quant"] = engine.tensors()
-                checkpoint.save(ckpt_path, params, state, meta)
+                if dist is None or dist.writer:  # distributed hook
+                    checkpoint.save(ckpt_path, params, state, meta)
     except KeyboardInterrupt:
         done = history[-1]["epoch"] if history else 0
         saved = (f"the checkpoint of epoch {done} is in {ckpt_path}" if ckpt_path.exists()
@@ -331,9 +354,11 @@ def train(
         "head": None if head is None else {
             "labels_per_class": cfg.head_labels, "labelled_images": int((labelled >= 0).sum()),
             "accuracy": head_accuracy(engine, ds) if probe else None},
-        "quantization": engine.describe() or None, "config": cfg.to_dict(),
+        "quantization": engine.describe() or None, "runtime": _runtime(engine, cfg),
+        "config": cfg.to_dict(),
     }
-    (out / RESULT).write_text(json.dumps(result, indent=2))
+    if dist is None or dist.writer:  # distributed hook
+        (out / RESULT).write_text(json.dumps(result, indent=2))
     return result
 
 
