@@ -2,17 +2,23 @@
 
 Beside the local encoder, a device can learn to classify from the labels it sees: the step
 takes `labels` (int64, one per image of view 1; -1 where there is none) and keeps, per class,
-the sum of the features of its labelled images and their count:
+a decaying sum of the features of its labelled images and a decaying count:
 
     f_i      = the top block's output of view 1, averaged over a 2 x 2 grid of cells (as the
                linear probe pools it) and flattened
-    sum_c   += sum over labelled i of class c of f_i          count_c += their number
+    r_c      = 2^-decay if class c has a labelled image in this step, else 0
+    sum_c    = sum_c (1 - r_c) + sum over labelled i of class c of f_i
+    count_c  = count_c (1 - r_c) + their number
     predict  = argmin_c || f - sum_c / count_c ||^2            (classes with count_c > 0)
+
+so a class mean follows its last ~2^decay labelled images: the encoder trains in the same
+steps, and features from its early states fade instead of staying in the mean.
 
 Why this head: it needs no gradient and no learning rate, one labelled image is enough to
 start a class, its state is small (classes x C), and in integer mode it is exact: the features
-are the 8-bit codes of the top block's cell averages (`AvgPool`'s integer form) and the sums
-are int32 (exact for 2^31 / 255 images per class). The class means and the argmin
+are the 8-bit codes of the top block's cell averages (`AvgPool`'s integer form); sums and
+counts are int32 with FRAC fractional bits, the decay a round-half-even shift (bounded:
+sum < 2^(decay + FRAC + 8) x the labelled images a step). The class means and the argmin
 are computed where a prediction is asked for (`predict`), not in the step. The state is step
 state (`head.sum`, `head.count`), bound in the exported step like the optimizer's.
 """
@@ -22,12 +28,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edge.layers import AvgPool
+from edge.errors import EdgeError
+from edge.layers import AvgPool, intops
+
+FRAC = 8  # fractional bits of the integer sums and counts
 
 
 class PrototypeHead:
-    def __init__(self, classes: int, top_shape: tuple[int, ...]):
-        self.classes = classes
+    def __init__(self, classes: int, top_shape: tuple[int, ...], decay: int = 3):
+        if not 1 <= decay <= 16:
+            raise EdgeError(f"head decay must be 1..16 (a rate of 2^-decay), got {decay}")
+        self.classes, self.decay = classes, decay
         self.pool = None
         if len(top_shape) == 3 and max(top_shape[1:]) > 1:
             self.pool = AvgPool((max(1, top_shape[1] // 2), max(1, top_shape[2] // 2)))
@@ -56,12 +67,17 @@ class PrototypeHead:
         f = self.features(ex, y)[:n]
         dtype = state["head.sum"].dtype
         onehot = (labels[:, None] == torch.arange(self.classes)[None, :]).to(dtype)
-        if ex.integer:  # int32 sums: exact (MatMul on floats would round past 2^24)
-            add = (onehot[:, :, None] * f[:, None, :]).sum(0)
-        else:
-            add = onehot.t() @ f
-        return {"head.sum": state["head.sum"] + add.to(dtype),  # int32 sums stay int32
-                "head.count": state["head.count"] + onehot.sum(0).to(dtype)}
+        seen = onehot.sum(0)
+        hit = (seen > 0).to(dtype)
+        s, c = state["head.sum"], state["head.count"]
+        if ex.integer:  # int32 fixed point: exact sums, a rounded decay
+            add = (onehot[:, :, None] * f[:, None, :]).sum(0).to(dtype) * (1 << FRAC)
+            s = s - hit[:, None] * intops.round_shift(s, self.decay) + add
+            c = c - hit * intops.round_shift(c, self.decay) + seen.to(dtype) * (1 << FRAC)
+            return {"head.sum": s.to(dtype), "head.count": c.to(dtype)}
+        keep = 1 - hit * 2.0**-self.decay
+        return {"head.sum": s * keep[:, None] + onehot.t() @ f,
+                "head.count": c * keep + seen}
 
     def predict(self, state: dict[str, Tensor], f: Tensor) -> Tensor:
         """Nearest class mean of float features f (N, C); classes never seen never win."""

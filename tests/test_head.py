@@ -26,6 +26,9 @@ def test_sums_counts_and_nearest_mean():
     new = head.update(EAGER, y, labels, state)
     assert new["head.count"].tolist() == [2.0, 1.0, 0.0]
     assert new["head.sum"][0].tolist() == [4.0, 0, 0, 0] and not new["head.sum"][2].any()
+    again = head.update(EAGER, y, torch.tensor([-1, 1, -1, -1]), new)
+    assert again["head.count"].tolist() == [2.0, 1.0 * (1 - 2**-3) + 1, 0.0]  # only class 1
+    assert again["head.sum"][1].tolist() == [0, 2.0 * (1 - 2**-3) + 2.0, 0, 0]  # decays
     pred = head.predict(new, torch.tensor([[2.0, 0, 0, 0], [0, 1.5, 0, 0], [0, 0.5, 9.0, 0]]))
     assert pred.tolist() == [0, 1, 1]  # class 2 was never seen: it never wins
 

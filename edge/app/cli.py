@@ -278,49 +278,49 @@ def list_nets(
 
 @app.command()
 def demo(
-    epochs: Annotated[int, typer.Option(help="Epochs per rule.")] = 15,
+    epochs: Annotated[int, typer.Option(help="Pretraining epochs.")] = 15,
     out: Annotated[
         Path | None, typer.Option(help="Where the runs go (default: a temp dir).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """CLAPP++ and backprop InfoNCE on scikit-learn's digits, probed beside a random encoder."""
-    from edge.app.train import TrainConfig
-    from edge.app.train import train as run
+    """A device meets a shift: local pretraining, the on-device head, batch-1 adaptation, and
+    the step's memory against backprop's (embedded digits, about a minute)."""
+    if epochs < 1:
+        raise EdgeError(f"--epochs must be positive, got {epochs}")
+    from edge.app.demo import run
 
-    base = out or Path(tempfile.mkdtemp(prefix="edge-demo-"))
-    results = {}
-    for rule in ("clapp++", "bp-infonce"):
-        cfg = TrainConfig(rule=rule, data="digits", epochs=epochs)
-        results[rule] = run(cfg, base / rule, progress=not as_json)
-    random_acc = results["clapp++"]["random_probe_accuracy"]
-    summary = {
-        "data": "digits",
-        "epochs": epochs,
-        "random_probe_accuracy": random_acc,
-        "runs": {
-            k: {f: v[f] for f in ("probe_accuracy", "seconds", "checkpoint", "weights_digest")}
-            for k, v in results.items()
-        },
-    }
+    r = run(out or Path(tempfile.mkdtemp(prefix="edge-demo-")), epochs, progress=not as_json)
     if as_json:
-        _emit(summary)
+        _emit(r)
         return
-    t = Table(title=f"edge demo: digits, {epochs} epochs, linear probe on all layers")
-    t.add_column("encoder")
-    t.add_column("local?")
-    t.add_column("probe accuracy", justify="right")
-    t.add_column("seconds", justify="right")
-    t.add_row("random (untrained)", "-", f"{random_acc:.4f}", "-")
-    for rule, r in results.items():
-        t.add_row(
-            rule,
-            "yes" if rule == "clapp++" else "no",
-            f"{r['probe_accuracy']:.4f}",
-            f"{r['seconds']:.1f}",
-        )
+    pre, sh, mem = r["pretrain"], r["shift"], r["memory"]
+    t = Table(title=f"edge demo: {r['net']}, {r['rule']}, {r['epochs']} epochs, "
+              f"{r['labels_per_class']} labels a class, {r['seconds']} s")
+    t.add_column("clean digits, few labels")
+    t.add_column("accuracy", justify="right")
+    t.add_row("head from the labels, untrained encoder", f"{pre['head_untrained_encoder']:.3f}")
+    t.add_row("head from the labels, locally trained encoder",
+              f"{pre['head_trained_encoder']:.3f}")
+    t.add_row("head learned in the training step", f"{pre['head_in_step']:.3f}")
+    t.add_row("linear probe, all labels: untrained / trained",
+              f"{pre['probe_untrained_encoder']:.3f} / {pre['probe_trained_encoder']:.3f}")
+    t.add_section()
+    t.add_row("[b]inverted digits[/b]", "")
+    t.add_row("no adaptation", f"{sh['no_adaptation']:.3f}")
+    t.add_row(f"adapted on the device: batch 1, {sh['stream_images']} images "
+              f"({sh['labelled_stream_images']} labelled), {sh['samples_per_second']} img/s",
+              f"{sh['adapted_on_device']:.3f}")
+    t.add_row("head re-learned from those labels, frozen encoder",
+              f"{sh['head_relearned_frozen_encoder']:.3f}")
+    t.add_section()
+    t.add_row(f"[b]memory on {mem['target']}[/b]", "bytes")
+    t.add_row(f"local integer step, batch 1 (fits: {'yes' if mem['local_fits'] else 'no'})",
+              f"{mem['local_integer_step_bytes']:,}")
+    t.add_row(f"backprop InfoNCE, batch 2 (fits: {'yes' if mem['backprop_fits'] else 'no'})",
+              f"{mem['backprop_bytes_batch_2']:,}")
     out_console.print(t)
-    out_console.print(f"runs in {base}")
+    out_console.print(f"runs in {r['runs']}")
 
 
 def _mount_subcommands() -> None:

@@ -337,7 +337,8 @@ def _conv(x: Tensor, w: Tensor, geom: list[int]) -> Tensor:
 
 @torch.library.custom_op("edge_int::conv_weight", mutates_args=())
 def _conv_weight(x: Tensor, e: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
-    return _conv_weight_eager(x, e, ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6]))
+    g = ConvGeom(geom[0:2], geom[2:4], geom[4:6], geom[6])
+    return _conv_weight_eager(x, e, g).to(torch.int32)  # one chunk: its sums fit int32
 
 
 @torch.library.custom_op("edge_int::conv_input", mutates_args=())
@@ -364,7 +365,7 @@ def _(x: Tensor, w: Tensor, geom: list[int]) -> Tensor:
 
 @_conv_weight.register_fake
 def _(x: Tensor, e: Tensor, geom: list[int], dims_: list[int]) -> Tensor:
-    return x.new_empty((e.shape[1], x.shape[1] // geom[6], geom[0], geom[1]), dtype=torch.int64)
+    return x.new_empty((e.shape[1], x.shape[1] // geom[6], geom[0], geom[1]), dtype=torch.int32)
 
 
 @_conv_input.register_fake
@@ -408,9 +409,9 @@ def conv_weight_chunk(oh: int, ow: int, x_max: int = 256, e_max: int = 128) -> i
 
 def int_conv2d_weight(x: Tensor, e: Tensor, geom: ConvGeom) -> Tensor:
     """The Hebbian product of a convolution: gW[o, c, i, j] = sum_{n, h, w} e[n, o, h, w] *
-    xpad[n, grp(o) Cg + c, h sh + i, w sw + j], shape (O, C/groups, kh, kw), int64, exact.
-    x 8-bit, e int8. ONNX: one ConvInteger per chunk of the batch whose int32 sum cannot
-    overflow, the chunks added in int64."""
+    xpad[n, grp(o) Cg + c, h sh + i, w sw + j], shape (O, C/groups, kh, kw), exact. x 8-bit,
+    e int8. ONNX: one ConvInteger per chunk of the batch whose int32 sum cannot overflow;
+    int32 for one chunk, else the chunks added in int64."""
     _max_abs(x), _max_abs(e)
     n = dims(x)[0]
     step = conv_weight_chunk(dims(e)[2], dims(e)[3])
@@ -420,7 +421,8 @@ def int_conv2d_weight(x: Tensor, e: Tensor, geom: ConvGeom) -> Tensor:
                           [min(step, n - s), c, h, w, o, oh, ow])
              for s in range(0, n, step)]
     kh, kw, groups = geom[0], geom[1], geom[6]
-    return _sum64(parts).reshape(dims(e)[1], dims(x)[1] // groups, kh, kw)  # static shape
+    total = parts[0] if len(parts) == 1 else _sum64([widen(p) for p in parts])
+    return total.reshape(dims(e)[1], dims(x)[1] // groups, kh, kw)  # static shape
 
 
 def int_conv2d_input(e: Tensor, w: Tensor, geom: ConvGeom, hw: tuple[int, int]) -> Tensor:
@@ -512,7 +514,7 @@ def _symbolics() -> None:
         full_h, full_w = h + 2 * ph - sh_ * (oh - 1), wd + 2 * pw - sw * (ow - 1)
         if (full_h, full_w) != (kh, kw):
             gw = g.op("Slice", gw, const(g, [0, 0]), const(g, [kh, kw]), const(g, [2, 3]))
-        return cast(g, g.op("Transpose", gw, perm_i=[1, 0, 2, 3]), "Long")
+        return g.op("Transpose", gw, perm_i=[1, 0, 2, 3])  # int32, as ConvInteger gives it
 
     def interleave(g, t, shape, axis, s, size):
         """Zeros between the entries of `t` (of `shape`) along `axis` (s - 1 of them), cut

@@ -64,13 +64,14 @@ def program_for(cfg: TrainConfig, batch: int):
         raise EdgeError("--mode qat steps are fp32 graphs; simulate --quant fp32, or --mode "
                         "integer for the integer step")
     from quant.calibrate import make_plan
+    from quant.integer import rule_state
 
     gen = torch.Generator().manual_seed(cfg.seed)
     views = [(torch.randn(batch, *shape, generator=gen), torch.randn(batch, *shape,
                                                                      generator=gen))]
     plan, stores = make_plan(net, rule, params, views, cfg.quant, opt.lr)
     state = {"step": torch.zeros((), dtype=torch.int64),
-             **rule.integer_form(net).init_state(net, plan, stores)}
+             **rule_state(net, rule.integer_form(net), plan, stores)}
     return net, rule, integer_program(net, rule, plan, stores), stores, state
 
 
@@ -104,7 +105,8 @@ def backprop_schedule(cfg: TrainConfig, batch: int) -> Schedule:
     from edge.sim.backprop import joint_schedule
 
     shape = in_shape(cfg.data)
-    net, rule, params = build(replace(cfg, rule="bp-infonce", rule_hparams={}, quant="fp32"),
+    net, rule, params = build(replace(cfg, rule="bp-infonce", rule_hparams={}, quant="fp32",
+                                      negatives="batch", head_labels=0),
                               shape)
     names = list(params)
     x = torch.zeros(batch, *shape)
