@@ -37,6 +37,7 @@ from quant.integer import (
     make_noise,
     noise_shapes,
     quantize_input,
+    rule_state,
 )
 from quant.plan import QUANTS, QuantPlan, dequantize_param
 from quant.qat import QATExecutor, fake_quant, qat_step
@@ -86,7 +87,7 @@ class QuantEngine:
         self.plan, self.params = make_plan(self.net, self.rule, params, calib, self.quant,
                                            self.opt.lr)
         self.state = {"step": torch.zeros((), dtype=torch.int64),
-                      **self.form.init_state(self.net, self.plan, self.params)}
+                      **rule_state(self.net, self.form, self.plan, self.params)}
         if self.head is not None:
             self.state.update(self.head.init_state(integer=True))
         self._ready()

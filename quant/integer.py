@@ -175,7 +175,7 @@ def noise_shapes(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Te
     the step asks for (found by running the step once on zeros)."""
     ex = IntegerExecutor(plan, record=True)
     x = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
-    state = {"step": torch.zeros((), dtype=torch.int64), **form.init_state(net, plan, qparams)}
+    state = {"step": torch.zeros((), dtype=torch.int64), **rule_state(net, form, plan, qparams)}
     zeros = {k: torch.zeros(tuple(v.shape), dtype=torch.int32) for k, v in qparams.items()}
     with torch.no_grad():
         local_step(net, form, IntegerUpdate(plan), qparams, state, QT(x, plan.f_in),
@@ -203,6 +203,15 @@ def integer_forward(net: NetSpec, plan: QuantPlan, qparams: dict[str, Tensor], x
     return outs
 
 
+def rule_state(net: NetSpec, form: Any, plan: QuantPlan, qparams: dict[str, Tensor]
+               ) -> dict[str, Tensor]:
+    """The integer form's initial step state (e.g. the negatives' memories, in the dtypes of
+    the codes the blocks' integer outputs give)."""
+    zeros = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
+    with torch.no_grad():
+        return form.init_state(net, integer_forward(net, plan, qparams, zeros))
+
+
 def quantize_input(x: Tensor, f_in: int) -> Tensor:
     """Float (normalised) images -> int8 at scale 2^-f_in, rounded half to even, clipped."""
     q = torch.round(x.to(torch.float64) * math.ldexp(1.0, f_in))
@@ -215,4 +224,4 @@ def dequantize(y: QT) -> Tensor:
 
 __all__ = ["DTYPES", "EAGER", "IntegerExecutor", "IntegerUpdate", "dequantize", "integer_forward",
            "integer_step", "integer_step_state", "make_noise", "noise_key", "noise_shapes",
-           "quantize_input"]
+           "quantize_input", "rule_state"]

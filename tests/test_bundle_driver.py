@@ -30,7 +30,7 @@ from export.manifest import NOISE, PARAMS, STATE
 from export.runner import draw_noise
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
-from quant.integer import integer_step, quantize_input
+from quant.integer import integer_step, quantize_input, rule_state
 
 BATCH, STEPS, SEED = 4, 5, 7
 FP32_TOL = 1e-4  # relative L2 of the whole trajectory's update (float32 summation order)
@@ -158,7 +158,7 @@ def build(seed: int = 0):
 def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
     """The integer step's first state: the counter and the rule's own."""
     return {"step": torch.zeros((), dtype=torch.int64),
-            **rule.integer_form(net).init_state(net, plan, stores)}
+            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from edge.step import init_state
 from export.bundle import MANIFEST, STATE_FILE, check_bundle, write_bundle
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
+from quant.integer import rule_state
 
 BATCH = 4
 ZEROS = "0" * 64
@@ -50,7 +51,7 @@ def build():
 def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
     """The integer step's first state: the counter and the rule's own."""
     return {"step": torch.zeros((), dtype=torch.int64),
-            **rule.integer_form(net).init_state(net, plan, stores)}
+            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from export.manifest import FORMAT, NOISE, PARAMS, STATE, Manifest
 from export.runner import Runner
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
-from quant.integer import IntegerUpdate, integer_forward, quantize_input
+from quant.integer import IntegerUpdate, integer_forward, quantize_input, rule_state
 from quant.plan import QuantPlan
 
 BATCH = 4
@@ -61,7 +61,7 @@ def build():
 def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
     """The integer step's first state: the counter and the rule's own."""
     return {"step": torch.zeros((), dtype=torch.int64),
-            **rule.integer_form(net).init_state(net, plan, stores)}
+            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from export.runner import (
 )
 from export.step import integer_program, step_graph
 from quant.calibrate import make_plan
-from quant.integer import integer_step, make_noise, noise_shapes, quantize_input
+from quant.integer import integer_step, make_noise, noise_shapes, quantize_input, rule_state
 
 BATCH = 4
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -50,7 +50,7 @@ def build(name: str = "digits", seed: int = 0):
 def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
     """The integer step's first state: the counter and the rule's own."""
     return {"step": torch.zeros((), dtype=torch.int64),
-            **rule.integer_form(net).init_state(net, plan, stores)}
+            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 def views(n: int = BATCH, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +214,7 @@ def test_integer_stepper_is_the_integer_step_bit_for_bit(int_setup, per_layer):
     step_fn = integer_stepper("onnxruntime", net, rule, plan, stores, per_layer=per_layer)
     shapes, gen = noise_shapes(net, form, plan, stores), torch.Generator().manual_seed(4)
     q_o, q_t, count = stores, stores, torch.zeros((), dtype=torch.int64)
-    state = {"step": count, **form.init_state(net, plan, stores)}
+    state = {"step": count, **rule_state(net, form, plan, stores)}
     for s in range(2):
         x1, x2 = (quantize_input(v, plan.f_in) for v in views(seed=s))
         noise = make_noise(shapes, gen)

@@ -341,20 +341,15 @@ class IntHinge:
         q = requant8(ex, key + "q", QT(intops.int_matmul(t.t, P["U"].t.t()), t.f + P["U"].f))
         return q, t
 
-    def init_state(self, net: NetSpec, plan: Any, stores: dict[str, Tensor]
-                   ) -> dict[str, Tensor]:
-        """The negatives' memories as 8-bit codes (zeros) in each code's own dtype."""
+    def init_state(self, net: NetSpec, outputs: list[QT]) -> dict[str, Tensor]:
+        """The negatives' memories as 8-bit codes (zeros) in each code's own dtype;
+        `outputs`: the blocks' integer outputs on any input (`quant.integer.rule_state`)."""
         rule = self.rule
         if not rule.negatives:
             return {}
-        from quant.integer import integer_forward  # noqa: PLC0415 - only the dtypes
-
-        zeros = torch.zeros((plan.batch, *net.in_shape), dtype=torch.int8)
-        with torch.no_grad():
-            ys = integer_forward(net, plan, stores, zeros)
         from edge.layers import EAGER
 
-        dtypes = [rule.codes[i].int_forward(EAGER, y)[0].t.dtype for i, y in enumerate(ys)]
+        dtypes = [rule.codes[i].int_forward(EAGER, y)[0].t.dtype for i, y in enumerate(outputs)]
         out = {}
         for i in range(len(rule.codes)):
             for _, kind in rule.terms:
