@@ -8,6 +8,17 @@ chunk's full-size error maps live at a time), the optimizer applies them, and on
 block's output (the next block's input) survives the iteration: the working set of one block
 is all a step ever holds, whatever the depth.
 
+Batching (the plain eager executor, `chunk_rows` None). A block holds its input, output and
+dL/dy for all rows whatever it does (the rule couples the rows); what row chunks bound are
+its full-size intermediate maps (a conv's output before the pool, the routed error). So each
+block runs forward and adjoint over the fewest row chunks that keep its largest intermediate
+map within a quarter of the physical floor's working set (the largest block's input and
+pre-activation output for all rows; a power of two of chunks), the block output stacked
+after: the big early blocks in a few chunks, the rest as single calls (fewer, larger
+kernels). Other executors run the
+forward on all rows and the adjoint over chunks of `ex.chunk_rows` rows, by default one
+view's rows; an explicit `chunk_rows` gives the eager executor that policy too.
+
 This loop is the only one. The executor says how it runs: eager torch (`EAGER`), traced for
 ONNX (`TRACED`: the whole-step and per-block graphs trace these functions), quantization-
 aware (`quant.qat`), or integer (`quant.integer`: the rule's integer form, integer updates).
@@ -18,6 +29,8 @@ tensor values.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -58,20 +71,90 @@ def _add(a: Any, b: Any) -> Any:
     return QT(a.t + b.t, a.f, a.c)  # the same exponent: integer sums, saturated at the update
 
 
+def _maps(block: Any, shape: tuple[int, ...]) -> list[int]:
+    """Per sample, the sizes (numbers) of a block's input and every intermediate map."""
+    sizes = [math.prod(shape)]
+    for chain in (block.body, block.shortcut or ()):
+        s = shape
+        for prim in chain:
+            s = prim.out_shape(s)
+            sizes.append(math.prod(s))
+    s = block.out_shape(shape)
+    for prim in block.post:
+        s = prim.out_shape(s)
+        sizes.append(math.prod(s))
+    return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def row_chunks(net: NetSpec, rows: int) -> tuple[int, ...]:
+    """How many row chunks each block runs in under the plain eager executor: the fewest,
+    as a power of two (equal chunks, aligned with the views), that keep its largest
+    intermediate map within a quarter of the floor's working set, the max over blocks of
+    input + largest map, all rows (module docstring); at most `rows`."""
+    maps = [_maps(b, s) for b, s in zip(net.blocks, net.block_inputs(), strict=True)]
+    floor = max(m[0] + max(m[1:]) for m in maps)
+    out = []
+    for m in maps:
+        c = 1
+        while c * floor < 4 * max(m[1:]) and 2 * c <= rows:
+            c *= 2
+        out.append(c)
+    return tuple(out)
+
+
+def _rebind(saved: Any, old: Tensor, new: Tensor) -> Any:
+    """`saved` with every reference to `old` (a chunk's block output) replaced by `new`
+    (its rows of the stacked output), so the chunk's own copy can die."""
+    if saved is old:
+        return new
+    if isinstance(saved, dict):
+        return {k: _rebind(v, old, new) for k, v in saved.items()}
+    if isinstance(saved, list | tuple) and not isinstance(saved, Tensor):
+        return type(saved)(_rebind(v, old, new) for v in saved)
+    return saved
+
+
+def _streamed(net: NetSpec, rule: Any, ex, i: int, params: Tensors, state: Tensors, x: Tensor,
+              ctx: Any, chunks: int) -> tuple[Tensor, Tensor, dict, Tensors]:
+    """Block i's forward and adjoint over `chunks` row chunks, one at a time (the rule's
+    gradient at the stacked output in between): -> (y, loss, gradients, rule state)."""
+    block = net.blocks[i]
+    rows = int(x.shape[0])
+    step = -(-rows // chunks)
+    spans = [(a, min(rows, a + step)) for a in range(0, rows, step)]
+    parts = [block.forward(ex, i, params, x[a:b]) for a, b in spans]
+    y = torch.cat([yc for yc, _ in parts])
+    saved = [_rebind(sc, yc, y[a:b]) for (yc, sc), (a, b) in zip(parts, spans, strict=True)]
+    del parts
+    loss, gy, grads, rule_state = rule.output_grads(i, ex, y, params, ctx, state)
+    for sc, (a, b) in zip(saved, spans, strict=True):
+        for k, v in block.adjoint(ex, i, params, sc, gy[a:b]).items():
+            grads[k] = grads[k] + v if k in grads else v
+    return y, loss, grads, rule_state
+
+
 def block_step(
     net: NetSpec, rule: Any, opt: Any, ex, i: int, params: Tensors, state: Tensors, x: Any,
     ctx: Any, step: Tensor, noise: Tensors | None = None,
 ) -> tuple[Any, Tensors, Tensors, Tensor]:
     """Block i of `local_step` (its loop body): -> (next input, block i's new parameters and
     optimizer state, block i's loss). `params`/`state` need hold only block i's tensors and
-    the rule's context inputs; `step` is the 1-based step count. The adjoint runs over
-    chunks of `ex.chunk_rows` rows, by default one view's rows (a batch of N images per
-    view: N rows), so only one view's full-size error maps live at a time."""
-    y, saved = net.blocks[i].forward(ex, i, params, x)
-    loss, gy, grads, rule_state = rule.output_grads(i, ex, y, params, ctx, state)
-    rows = int((y.t if ex.integer else y).shape[0])
-    grads.update(block_grads(net, ex, i, params, saved, gy, rows // rule.streams))
-    del saved, gy
+    the rule's context inputs; `step` is the 1-based step count. Rows are batched as the
+    module docstring says: the plain eager executor streams only the largest blocks; the
+    others run the adjoint over chunks of `ex.chunk_rows` rows, by default one view's rows
+    (a batch of N images per view: N rows)."""
+    plain = not (ex.traced or ex.quantized or ex.chunk_rows)
+    chunks = row_chunks(net, int(x.shape[0]))[i] if plain else 1
+    if chunks > 1:
+        y, loss, grads, rule_state = _streamed(net, rule, ex, i, params, state, x, ctx, chunks)
+    else:
+        y, saved = net.blocks[i].forward(ex, i, params, x)
+        loss, gy, grads, rule_state = rule.output_grads(i, ex, y, params, ctx, state)
+        rows = int((y.t if ex.integer else y).shape[0])
+        chunk = rows if plain else rows // rule.streams
+        grads.update(block_grads(net, ex, i, params, saved, gy, chunk))
+        del saved, gy
     new_params, new_state = {}, dict(rule_state)
     for name, g in grads.items():
         new_params[name], upd = opt.update(name, params[name], g, state, step, noise)

@@ -51,8 +51,17 @@ class Activation(Primitive):
         return y, y
 
     def adjoint(self, ex, p, y, g, need_gx):
+        if not ex.traced:
+            gx = self.eager_adjoint(y, g)
+            if gx is not None:
+                return {}, gx
         d = self.derivative(y)
         return {}, g if d is None else g * d.to(g.dtype)
+
+    def eager_adjoint(self, y: Tensor, g: Tensor) -> Tensor | None:
+        """g * act'(y) as one aten kernel (eager), where one exists; None: the generic
+        product (compare, cast, multiply: three passes)."""
+        return None
 
     # ------------------------------------------------------------------ integer
     def int_range(self, f_y: int) -> tuple[int, int]:
@@ -103,6 +112,9 @@ class ReLU(Activation):
     def derivative(self, y):
         return y > 0
 
+    def eager_adjoint(self, y, g):
+        return torch.ops.aten.threshold_backward(g, y, 0)  # g where y > 0, else 0
+
     def int_mask(self, y):
         return y.t > 0
 
@@ -117,6 +129,9 @@ class ReLU6(Activation):
 
     def derivative(self, y):
         return (y > 0) & (y < 6)
+
+    def eager_adjoint(self, y, g):
+        return torch.ops.aten.hardtanh_backward(g, y, 0.0, 6.0)  # g where 0 < y < 6, else 0
 
     def int_range(self, f_y):
         return 0, min(255, math.floor(math.ldexp(6.0, f_y)))

@@ -8,7 +8,13 @@ Closed-form local adjoint from g = dL/dy:
     dL/dx             = the transposed convolution of g by w (only inside a block: a block's
                         first primitive never needs it)
 Kernels. Eager: aten's convolution_backward with only the wanted outputs (the kernel
-backprop's baselines run, called as a plain op: no autograd graph). Traced: ONNX has no
+backprop's baselines run, called as a plain op: no autograd graph). Stride-1 convs run on
+channels-last maps: oneDNN runs NHWC natively, where NCHW maps are reordered to its blocked
+layout at every call (several times slower on the first, few-channel layers), and the pools
+and activations between convs keep the layout. Strided convs stay NCHW, input and error
+alike: torch 2.13's CPU weight gradient of a channels-last 1x1 stride-2 conv is wrong for
+some inputs (and for a channels-last input with an NCHW error). Weight gradients come back
+contiguous. Traced: ONNX has no
 weight-gradient op; the weight gradient is one GEMM per kernel offset, (O_g x NH'W') @
 (NH'W' x C/G) over the input's strided window at that offset (no unfold buffer, and what
 onnxruntime runs fastest); dx is ConvTranspose. Same sums, up to float rounding order.
@@ -82,19 +88,29 @@ class Conv(Primitive):
         o, h, w = self.out_shape(shape)
         return o * h * w * (self.cin // self.groups) * self.k[0] * self.k[1]
 
+    @property
+    def _layout(self) -> torch.memory_format:
+        """The eager kernels' layout of the input and the error (module docstring)."""
+        if self.stride == (1, 1):
+            return torch.channels_last
+        return torch.contiguous_format
+
     # ------------------------------------------------------------------ float
     def forward(self, ex, p, x):
+        if not ex.traced:
+            x = x.contiguous(memory_format=self._layout)  # a no-op after a stride-1 eager conv
         y = F.conv2d(x, p["w"], p["b"], self.stride, self.padding, 1, self.groups)
         return y, x
 
     def adjoint(self, ex, p, x, g, need_gx):
         w = p["w"]
         if not ex.traced:
-            g = g.contiguous()  # an expanded (stride-0) g gets a wrong bias gradient from aten
+            # materialized: an expanded (stride-0) g gets a wrong bias gradient from aten
+            g = g.contiguous(memory_format=self._layout)
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x, w, [self.cout], list(self.stride), list(self.padding), [1, 1], False,
                 [0, 0], self.groups, [need_gx, True, True])
-            return {"w": gw, "b": gb}, gx
+            return {"w": gw.contiguous(), "b": gb}, gx
         gx = None
         if need_gx:
             h, wd = x.shape[2], x.shape[3]

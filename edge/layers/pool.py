@@ -13,6 +13,12 @@ maximum in row-major order (one uint8 per pooled value; ties go to the first, th
 torch's own max-pool makes). Adjoint: each window's error goes to its argmax,
     dL/dx = place_q( g * [off == q] ).
 Integer form: the same, on integer values (the max is taken with comparisons only).
+Eager float kernels: aten's max-pool with indices (one pass; on the channels-last maps the
+eager convs produce, several times faster than the per-offset comparisons) keeps the argmax
+as its flat index within the H x W plane, narrowed to int16 (int32 past 2^15 positions):
+two bytes per pooled value, never the int64 the kernel returns. The adjoint is aten's
+max-pool backward (one zero-fill-and-scatter pass) into a channels-last map. Same argmax
+(torch's first maximum), same routed values.
 
 AvgPool (count_include_pad). y = (1/k^2) sum of each window. Adjoint: dL/dx = place_q(g) /
 k^2. Integer form: y = round_half_even(window sum / k^2) at the input's exponent; adjoint:
@@ -69,10 +75,11 @@ def _place(ex, part, kk: int, k, s, p, hw) -> Tensor:
     h, w = hw
     full_h, full_w = h + 2 * ph, w + 2 * pw
     disjoint = (kh, kw) == (sh, sw)
-    if ex.traced and disjoint:
+    if ex.traced and disjoint:  # interleaved by concats at rank <= 4 (what NPUs take)
         parts = [first] + [part(q, None) for q in range(1, kk)]
-        t = torch.stack(parts, -1).reshape(n, c, oh, ow, kh, kw).permute(0, 1, 2, 4, 3, 5)
-        t = t.reshape(n, c, oh * kh, ow * kw)
+        rows = [torch.cat([parts[i * kw + j].reshape(-1, ow, 1) for j in range(kw)], 2)
+                .reshape(-1, 1, ow * kw) for i in range(kh)]
+        t = torch.cat(rows, 1).reshape(n, c, oh * kh, ow * kw)
         t = F.pad(t, (0, full_w - ow * kw, 0, full_h - oh * kh))
     elif ex.traced:
         t = None
@@ -169,12 +176,32 @@ class MaxPool(_Window):
 
         return _place(ex, part, self.k[0] * self.k[1], self.k, self.stride, self.padding, hw)
 
+    def _eager_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, flat argmax within the plane as int16/int32): the eager float kernel."""
+        y, idx = F.max_pool2d(x, self.k, self.stride, self.padding, return_indices=True)
+        h, w = intops.dims(x)[2:]
+        return y, idx.to(torch.int16 if h * w <= 1 << 15 else torch.int32)
+
+    def _eager_route(self, g: Tensor, idx: Tensor, hw) -> Tensor:
+        """Each window's error at its argmax (flat indices), written into a channels-last
+        map by aten's max-pool backward (which zero-fills it first)."""
+        n, c = g.shape[:2]
+        shape = (n, c, *hw)
+        out = torch.empty(shape, dtype=g.dtype, device=g.device,
+                          memory_format=torch.channels_last)
+        like = g.new_empty(()).expand(shape)  # only its shape is read
+        return torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            g, like, list(self.k), list(self.stride), list(self.padding), [1, 1], False,
+            idx.long(), grad_input=out)
+
     def forward(self, ex, p, x):
-        y, off = self._max(ex, x)
+        y, off = self._max(ex, x) if ex.traced else self._eager_max(x)
         return y, (off, intops.dims(x)[2:], y)
 
     def adjoint(self, ex, p, saved, g, need_gx):
         off, hw, _ = saved
+        if off.dtype != torch.uint8:  # flat indices of the eager kernel
+            return {}, self._eager_route(g, off, hw)
         return {}, self._route(ex, g, off, hw)
 
     def int_forward(self, ex, key, p, x):
@@ -197,12 +224,23 @@ class AvgPool(_Window):
     def adjoint(self, ex, p, shape, g, need_gx):
         kk = self.k[0] * self.k[1]
         if not ex.traced:
-            like = g.new_empty(()).expand(g.shape[0], *shape)  # only its shape is read
-            gx = torch.ops.aten.avg_pool2d_backward(g, like, list(self.k), list(self.stride),
-                                                    list(self.padding), False, True, None)
-            return {}, gx
+            return {}, self._eager_adjoint(g, shape)
         gk = g / kk
         return {}, _place(ex, lambda q, out: gk, kk, self.k, self.stride, self.padding, shape[1:])
+
+    def _eager_adjoint(self, g: Tensor, shape) -> Tensor:
+        """Eager: windows that tile the map exactly (the rules' code pools) spread g / k^2
+        by a nearest upsampling into a channels-last map, the eager convs' layout (one
+        pass; aten's avg-pool backward would build NCHW and copy); others use that backward."""
+        (kh, kw), (sh, sw) = self.k, self.stride
+        oh, ow = intops.dims(g)[2:]
+        tiles = (kh, kw) == (sh, sw) and not any(self.padding)
+        if tiles and (oh * kh, ow * kw) == tuple(shape[1:]):
+            gk = (g / (kh * kw)).contiguous(memory_format=torch.channels_last)
+            return F.interpolate(gk, scale_factor=(kh, kw), mode="nearest")
+        like = g.new_empty(()).expand(g.shape[0], *shape)  # only its shape is read
+        return torch.ops.aten.avg_pool2d_backward(g, like, list(self.k), list(self.stride),
+                                                  list(self.padding), False, True, None)
 
     def int_forward(self, ex, key, p, x):
         sl = _slices(x.t, self.k, self.stride, self.padding, self._out_hw(x.t), 0)
