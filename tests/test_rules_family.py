@@ -36,7 +36,8 @@ def test_registry_lists_every_rule_with_a_description() -> None:
 def test_unknown_rule_and_bad_hparams_are_one_line_errors() -> None:
     with pytest.raises(EdgeError, match="valid: clapp, clapp\\+\\+"):
         rules.get("nope")
-    with pytest.raises(EdgeError, match="rule 'clapp' has no hyper-parameter 'pool'; valid: negatives"):
+    with pytest.raises(EdgeError,
+                       match="rule 'clapp' has no hyper-parameter 'pool'; valid: negatives"):
         rules.get("clapp", pool=2)  # the 2021 rule pools globally: no kernel to choose
     with pytest.raises(EdgeError, match="no hyper-parameter 'nosuchkey'; valid: pool, predictor"):
         rules.get("clapp++", nosuchkey=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -106,11 +107,29 @@ def train(
     mode: Annotated[
         str, typer.Option(help="With --quant int8*: qat (fp32 latent) | integer.")
     ] = "integer",
+    nproc: Annotated[int, typer.Option(
+        help="Train on N local processes (torch.distributed, gloo); under torchrun the "
+        "group torchrun starts.")] = 1,
+    parallel: Annotated[str, typer.Option(
+        help="With --nproc / torchrun: data (shards of the batch) | pipeline (contiguous "
+        "groups of blocks per process).")] = "data",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train an encoder with a learning rule, then linear-probe it."""
     from edge.app.config import TrainConfig
 
+    if nproc != 1 or parallel != "data" or "WORLD_SIZE" in os.environ:
+        from edge.app import distributed
+
+        if parallel not in distributed.MODES:
+            raise EdgeError(f"unknown --parallel {parallel!r}; valid: "
+                            f"{', '.join(distributed.MODES)}")
+        if nproc < 1:
+            raise EdgeError(f"--nproc must be >= 1, got {nproc}")
+        if "WORLD_SIZE" not in os.environ and nproc > 1:  # start the group: one worker each
+            raise typer.Exit(distributed.launch(_without_launch_options(_ARGV), nproc,
+                                                parallel))
+        os.environ.setdefault(distributed.ENV_MODE, parallel)  # read by from_env in train()
     if resume and overwrite:
         raise EdgeError("--resume continues the run in OUT, --overwrite replaces it: pick one")
     cfg = TrainConfig(
@@ -276,6 +295,19 @@ def list_nets(
     out_console.print(t)
 
 
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """The command line a worker runs: this one without --nproc (the launcher's)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 @app.command()
 def demo(
     epochs: Annotated[int, typer.Option(help="Pretraining epochs.")] = 15,
@@ -338,9 +370,13 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+_ARGV: list[str] = []  # this invocation's arguments (what `train --nproc` relaunches)
+
+
 def main(argv: list[str] | None = None) -> None:
     from edge.errors import Interrupted
 
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         app(args=argv, prog_name="edge")
     except Interrupted as e:
