@@ -49,14 +49,21 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+_DIGEST: list[str] = []
+
+
 def code_digest() -> str:
-    """sha256 over the path and bytes of every .py file of the packages (CODE_DIRS): two
-    runs with the same digest ran the same code, committed or not."""
+    """sha256 over the path and bytes of every .py file of the packages (CODE_DIRS), read
+    once per process (at its first call, near its start: files edited while it runs do not
+    change it): two runs with the same digest ran the same code, committed or not."""
+    if _DIGEST:
+        return _DIGEST[0]
     h = hashlib.sha256()
     for d in CODE_DIRS:
         for p in sorted((ROOT / d).rglob("*.py")):
             h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
+    _DIGEST.append(h.hexdigest())
+    return _DIGEST[0]
 
 
 def code_state() -> dict:

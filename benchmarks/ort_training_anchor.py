@@ -8,14 +8,18 @@ own venv and runs here as a subprocess:
     python3.11 -m venv /work/venv-ortt
     /work/venv-ortt/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.16.2 torch
 
+(or, to reuse this venv's torch, install only the first two and put a `.pth` file naming
+this venv's site-packages into the anchor venv's: its own onnxruntime and onnx come first).
+
 What is timed, on the same conv net, batch, two views and threads (AdamW, lr 1e-3):
   anchor          onnxruntime-training 1.19.2 training the net by backprop: the CLAPP++
                   hinge on the last layer (the `bp-clapp++` baseline's loss) exported as a
                   forward + loss graph (ONNX has no stop-gradient: the anchor's gradient also
                   flows through the hinge's context, which torch detaches), then
                   `generate_artifacts`, `Module` (forward + backward) and `Optimizer.step`
-  local@1.19.2    our exported CLAPP++ step (export.training_step, after
-                  export.passes.onnxruntime_speed) in the same onnxruntime build, 1.19.2
+  local@1.19.2    our exported CLAPP++ step (`export.step.step_graph` of
+                  `export.step.fp32_program`, with the exporter's own passes) in the same
+                  onnxruntime build, 1.19.2
   local@main      the same graph in this venv's onnxruntime through export.runner.Runner
 All three in one interleaved loop (local@main, local@1.19.2, anchor, ..., the order rotating
 each repeat): each repeat times `steps` consecutive steps after a warm-up; figures are the
@@ -184,35 +188,36 @@ def run(net_name: str = "vgg6", width: float = 0.125, batch: int = 32, repeats: 
     import onnx
     import torch
 
-    from edge.nets import init_params, preset
+    from edge.nets import fold_batchnorm, preset
     from edge.optim import OptimConfig
     from edge.rules import get
-    from export.passes import onnxruntime_speed
+    from edge.step import init_state
     from export.runner import OnnxStepper
-    from export.training_step import training_step
+    from export.step import fp32_program, step_graph
 
     py = _check_venv(venv)
     torch.set_num_threads(threads)
-    net = preset(net_name, IN_SHAPES[net_name], width)
     local, bp = get("clapp++"), get("bp-clapp++")
+    gen = torch.Generator().manual_seed(0)
+    raw = preset(net_name, IN_SHAPES[net_name], width)
+    net, enc = fold_batchnorm(raw, raw.init_params(gen))
     local.check(net)
     bp.check(net)
-    gen = torch.Generator().manual_seed(0)
-    enc = init_params(net, gen)
     lp = dict(enc) | local.init(net, gen)
-    bpp = dict(enc) | {k: v for k, v in lp.items() if k.startswith(f"rule.{len(net.layers) - 1}.")}
+    last = len(net.blocks) - 1
+    bpp = dict(enc) | {k: v for k, v in lp.items() if k.startswith(f"rule.{last}.")}
     x1 = torch.randn(batch, *net.in_shape, generator=gen)
     x2 = torch.randn(batch, *net.in_shape, generator=gen)
     opt = OptimConfig("adamw", lr=1e-3)
-    state = opt.init_state(lp)
-    model, manifest = training_step(net, local, opt, lp, state, batch)
+    state = init_state(net, local, opt, lp)
+    model, manifest = step_graph(net, local, fp32_program(net, local, opt), lp, state, batch)
     with torch.no_grad():
         torch_loss = float(bp.loss(net, bpp, x1, x2))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fl, grad = _forward_loss_model(net, bp, bpp, x1, x2)
         onnx.save(fl, str(work / "forward_loss.onnx"))
-        onnx.save(onnxruntime_speed(model), str(work / "local_step.onnx"))
+        onnx.save(model, str(work / "local_step.onnx"))
         inputs = {"params/" + k: v.numpy() for k, v in lp.items()}
         inputs.update({"state/" + k: v.numpy() for k, v in state.items()})
         np.savez(work / "local_inputs.npz", **inputs)
@@ -272,7 +277,7 @@ def run(net_name: str = "vgg6", width: float = 0.125, batch: int = 32, repeats: 
                    "first_loss": info["first_loss"], "torch_loss": torch_loss,
                    "first_loss_rel_err": rel, "first_loss_ok": rel < 1e-5},
         "local": {"rule": "clapp++", "onnxruntime_main": onnxruntime.__version__,
-                  "graph": "export.training_step + export.passes.onnxruntime_speed"},
+                  "graph": "export.step.step_graph(fp32_program) as exported"},
         "steps_per_s": {k: _summary(v) for k, v in rates.items()},
         "ratio_vs_anchor": {k: _summary(v) for k, v in ratio.items()},
         "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
