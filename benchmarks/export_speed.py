@@ -33,7 +33,7 @@ from edge.rules import get
 from edge.step import train_step
 from export.manifest import PARAMS, STATE
 from export.runner import OnnxStepper
-from export.training_step import training_step
+from export.step import fp32_program, step_graph
 
 IN_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "vgg6": (3, 32, 32), "mlp": (1, 8, 8)}
 
@@ -83,15 +83,16 @@ def run(net_name: str = "digits", width: float = 0.25, batch: int = 16, repeats:
     rule = get("clapp++")
     rule.check(net)
     gen = torch.Generator().manual_seed(0)
-    from edge.nets import init_params
+    from edge.nets import fold_batchnorm
+    from edge.step import init_state
 
-    params = init_params(net, gen)
+    net, params = fold_batchnorm(net, net.init_params(gen))
     params.update(rule.init(net, gen))
     opt = OptimConfig("adamw", lr=1e-3)
-    state = opt.init_state(params)
+    state = init_state(net, rule, opt, params)
     x1 = torch.randn(batch, *net.in_shape, generator=gen)
     x2 = torch.randn(batch, *net.in_shape, generator=gen)
-    model, manifest = training_step(net, rule, opt, params, state, batch)
+    model, manifest = step_graph(net, rule, fp32_program(net, rule, opt), params, state, batch)
     runtimes = {"torch": lambda p, s: train_step(net, rule, opt, p, s, x1, x2)}
     stepper = OnnxStepper.from_graphs(net, rule, opt, [model], [manifest.step], threads=threads)
     runtimes["onnxruntime"] = lambda p, s: stepper(p, s, x1, x2)

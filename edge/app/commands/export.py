@@ -127,6 +127,7 @@ def export_cmd(
         state = init_state(spec, learning_rule, opt, params)
     else:
         from quant.calibrate import make_plan
+        from quant.integer import rule_state
 
         calib = calibration(cfg, ds)
         plan, params = make_plan(spec, learning_rule, params, calib, quant, opt.lr)
@@ -134,7 +135,7 @@ def export_cmd(
         import torch
 
         state = {"step": torch.zeros((), dtype=torch.int64),
-                 **learning_rule.integer_form(spec).init_state(spec, plan, params)}
+                 **rule_state(spec, learning_rule.integer_form(spec), plan, params)}
     assert out is not None
     if ds is None:  # the views' normalisation for the manifest, when the files are at hand
         from edge.data import load
