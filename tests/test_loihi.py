@@ -278,3 +278,26 @@ def test_against_lava(seed):
         np.testing.assert_array_equal(run.weights, got)
         clipped += run.clipped
     assert clipped > 0
+
+
+def test_cli_rules_engine(capsys):
+    """`edge rules --engine loihi2` prints describe_engine's data (text or --json); an unknown
+    engine is one line and exit 2."""
+    import json
+
+    from edge.app.cli import main
+    from quant.loihi import describe_engine, render_engine
+
+    with pytest.raises(SystemExit) as e:
+        main(["rules", "--engine", "loihi2", "--json"])
+    assert e.value.code == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(describe_engine()))
+    with pytest.raises(SystemExit) as e:
+        main(["rules", "--engine", "loihi2"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == render_engine(describe_engine()).strip()
+    with pytest.raises(SystemExit) as e:
+        main(["rules", "--engine", "truenorth"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown learning engine 'truenorth'" in err and len(err.splitlines()) == 1

@@ -306,3 +306,36 @@ def test_bad_arguments(tiny):
         simulate(g, x, 4, reset="none")
     with pytest.raises(EdgeError, match="no head"):
         spiking_predicts(g, x, [4])
+
+
+def test_cli_export_format_nir_from_a_trained_run(tmp_path, capsys):
+    """`edge export --format nir --checkpoint RUN`: the file reads back with nir.read; a
+    max-pool network is refused in one line."""
+    import json
+
+    from edge.app.cli import main
+
+    def edge(*args):
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    code, _, err = edge("train", "--net", "mlp", "--width", "0.25", "--epochs", "1", "--subset",
+                        "128", "--out", str(tmp_path / "run"), "--json")
+    assert code == 0, err
+    code, out, err = edge("export", "--format", "nir", "--checkpoint", str(tmp_path / "run"),
+                          "-o", str(tmp_path / "enc.nir"), "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    graph = nir.read(str(tmp_path / "enc.nir"))
+    kinds = {}
+    for node in graph.nodes.values():
+        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
+    assert r["nodes"] == dict(sorted(kinds.items())) and kinds["IF"] == 2
+    code, _, err = edge("train", "--width", "0.25", "--epochs", "1", "--subset", "64", "--out",
+                        str(tmp_path / "pool"), "--json")
+    assert code == 0, err
+    code, _, err = edge("export", "--format", "nir", "--checkpoint", str(tmp_path / "pool"),
+                        "-o", str(tmp_path / "pool.nir"))
+    assert code == 2 and "no max-pool" in err and len(err.splitlines()) == 1

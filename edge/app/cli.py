@@ -224,11 +224,23 @@ def plot(
 
 @app.command(name="rules")
 def list_rules(
+    engine: Annotated[str | None, typer.Option(
+        help="Show the CLAPP dense update in a neuromorphic learning engine's form: loihi2.")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the learning rules: what they are, whether local, what one update holds."""
     from edge import rules
 
+    if engine is not None:
+        from quant.loihi import describe_engine, render_engine
+
+        d = describe_engine(engine)
+        if as_json:
+            _emit(d)
+        else:
+            out_console.print(render_engine(d), markup=False, highlight=False, soft_wrap=True)
+        return
     rows = rules.describe()
     if as_json:
         _emit({"rules": rows})

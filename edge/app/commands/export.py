@@ -43,6 +43,31 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"{key:>14}: {value}")
 
 
+def _export_nir(run: Path | None, out: Path | None, data_dir: str | None,
+                subset: int | None) -> dict[str, Any]:
+    """A trained run's encoder as IF neurons in a NIR file (export.nir), thresholds from the
+    activations of its own training data (the first `subset` images, default 256)."""
+    if run is None or out is None:
+        raise EdgeError("--format nir needs --checkpoint RUN (a trained run) and -o FILE.nir")
+    from edge import checkpoint
+    from edge.data import load, to_float
+    from edge.nets import NetSpec
+    from export.nir import write_nir
+
+    params, _, meta = checkpoint.load(run)
+    cfg = meta.get("config", {})
+    ds = load(cfg.get("data", "digits"), data_dir, subset or 256)
+    net = NetSpec.from_dict(meta["net"], tuple(meta.get("data_shape") or ds.in_shape))
+    calib = to_float(ds.x_train[: subset or 256], ds)
+    graph = write_nir(out, net, {k: v for k, v in params.items() if k.startswith("enc.")},
+                      calib)
+    kinds: dict[str, int] = {}
+    for node in graph.nodes.values():
+        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
+    return {"nir": str(out), "checkpoint": str(run), "net": net.name,
+            "calibration_images": int(calib.shape[0]), "nodes": dict(sorted(kinds.items()))}
+
+
 def export_cmd(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Bundle directory to write.")]
     = None,
@@ -74,11 +99,22 @@ def export_cmd(
                                       "export: its step is fp32).")] = "integer",
     data_dir: Annotated[str | None, typer.Option(
         help="Data root for calibrating --quant int8* (else $EDGE_DATA).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="bundle (the ONNX training step) | nir "
+                                     "(a trained encoder as a spiking NIR graph).")] = "bundle",
+    from_run: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="--format nir: the trained run (an `edge train` output dir).")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Export a local rule's training step as ONNX (a bundle a device trains with), or check one."""
+    """Export a local rule's training step as ONNX (a bundle a device trains with), or check one;
+    or a trained encoder as a NIR graph (--format nir)."""
     from export.bundle import check_bundle, summary, write_bundle
 
+    if fmt not in ("bundle", "nir"):
+        raise EdgeError(f"unknown --format {fmt!r}; valid: bundle, nir")
+    if fmt == "nir":
+        _print(_export_nir(from_run, out, data_dir, subset), as_json)
+        return
     if (out is None) == (check is None):
         raise EdgeError("give either -o DIR (write a bundle) or --check DIR (validate one)")
     if check is not None:
