@@ -1,9 +1,9 @@
 """Executors: which kernels run a primitive's sums, passed explicitly (never a global flag).
 
     EAGER    torch eager, the fastest kernels for the laptop loop (e.g. the conv weight
-             gradient through aten's convolution_backward, max-pool routing by strided writes)
+             gradient through aten's convolution_backward, max-pool routing by aten's backward)
     TRACED   kernels that trace into plain ai.onnx graphs (the same sums: the conv weight
-             gradient as one GEMM per kernel offset, routing by stack + transpose)
+             gradient as one GEMM per kernel offset, routing by Where + concatenations)
     quantized executors (defined in `quant`): `quant.qat.QATExecutor` (eager or traced, with
              fake-quantizing hooks) and `quant.integer.IntegerExecutor` (integer forms,
              `integer=True`)

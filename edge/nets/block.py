@@ -16,7 +16,8 @@ its parameter gradients and, except the first of a branch, the gradient of its i
 reaches the previous block.
 
 Saved tensors. Every primitive keeps what its adjoint reads (conv: its input; an activation:
-its output; a max-pool: uint8 window offsets). An activation directly followed by a max-pool
+its output; a max-pool: its argmax, as 2-byte flat indices eager and 1-byte window offsets
+traced and integer). An activation directly followed by a max-pool
 keeps nothing: its derivative is applied at the pool's (pooled) output, which equals the
 activation's output at every argmax, so the full-size map dies in the forward. Every saved
 tensor has the batch as its first axis, so the adjoint may run on row chunks (`take_rows`).
