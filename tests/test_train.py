@@ -259,3 +259,53 @@ def test_from_torch_init_trains_the_given_network(tmp_path):
     with torch.no_grad():
         assert torch.allclose(encode(net, params, x)[-1], m(x), atol=1e-5)
     assert not torch.equal(trained["enc.0.0.w"], params["enc.0.0.w"])
+
+
+def test_a_pretrained_torch_model_adapts_locally_and_its_step_exports(tmp_path):
+    """Issue 13's path for a user's model: an nn.Sequential (conv, BN, ReLU6, depthwise conv,
+    avg-pool, linear) trained briefly with backprop on digits, converted, trained on with
+    clapp++, exported, and its step run in onnxruntime against torch's."""
+    from torch import nn
+
+    from edge import rules
+    from edge.data import load, to_float
+    from edge.nets import fold_batchnorm, from_torch
+    from edge.optim import OptimConfig
+    from edge.step import init_state, train_step
+    from export.runner import make_stepper
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                      nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.AvgPool2d(2),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU())
+    ds = load("digits", None, 256)
+    x, y = to_float(ds.x_train, ds), ds.y_train
+    clf = nn.Linear(16, ds.num_classes)
+    opt = torch.optim.Adam([*m.parameters(), *clf.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(30):  # backprop pretraining: a classifier on top of the encoder
+        loss = nn.functional.cross_entropy(clf(m(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    m.eval()
+    net, params = from_torch(m, (1, 8, 8))
+    with torch.no_grad():  # converted with its weights (BN folded): the same function
+        assert torch.allclose(encode(net, params, x)[-1], m(x), atol=1e-4)
+    train(TrainConfig(rule="clapp++", epochs=1, **{**SMALL, "net": None}), tmp_path,
+          progress=False, probe=False, init=(net, params))
+    trained, _, _ = checkpoint.load(tmp_path)
+    enc = {k: v for k, v in trained.items() if k.startswith("enc.")}
+    assert any(not torch.equal(enc[k], params[k]) for k in params)  # clapp++ moved it
+    rule, o = rules.get("clapp++"), OptimConfig("adamw", lr=1e-3)
+    net = fold_batchnorm(net, params)[0]  # as training ran it: BatchNorm folded
+    p0 = {**trained}
+    s0 = init_state(net, rule, o, p0)
+    x1, x2 = x[:16], x[16:32]
+    want = train_step(net, rule, o, p0, s0, x1, x2)
+    got = make_stepper("onnxruntime", net, rule, o)(p0, s0, x1, x2)
+    for k in want[0]:  # float tolerance: onnxruntime sums in another order
+        ref = want[0][k]
+        assert float((got[0][k] - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-5, k
