@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", choices=sorted(SPECS), default="mnist")
     ap.add_argument("--checkpoint", default=None, help="an edge checkpoint (else train here)")
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=None, help="data root (else $EDGE_DATA)")
     ap.add_argument("--subset", type=int, default=10000, help="training images")
     ap.add_argument("--test", type=int, default=1000, help="test images")
     ap.add_argument("--epochs", type=int, default=1)

@@ -146,6 +146,10 @@ def _chain(net: NetSpec) -> list[tuple[str, Primitive]]:
             if isinstance(p, MaxPool):
                 raise EdgeError(f"NIR readers take no max-pool ({key}); use average pooling "
                                 "(avgpool)")
+            if isinstance(p, Conv) and p.k[0] != p.k[1]:
+                raise EdgeError(f"{key} has a {p.k[0]}x{p.k[1]} kernel; NIR's Conv2d infers its "
+                                "output shape from one kernel size (weight.shape[2]), so only "
+                                "square kernels type-check")
             if isinstance(p, BatchNorm):
                 raise EdgeError(f"bn at {key} follows no conv or linear layer; the NIR export "
                                 "folds BatchNorm into the layer before it only")

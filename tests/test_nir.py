@@ -278,6 +278,7 @@ def test_gap_linear_relu6_and_bernoulli_input():
     ("maxpool", r"^NIR readers take no max-pool \(enc\.0\.2\); use average pooling"),
     ("resnet8", r"^block 1 is a residual block"),
     ("bnfirst", r"^bn at enc\.0\.0 follows no conv or linear layer"),
+    ("nonsquare", r"^enc\.0\.0 has a 3x1 kernel; NIR's Conv2d .* only square kernels"),
 ])
 def test_refused_networks_give_one_line_errors(spec, match):
     if spec == "maxpool":
@@ -285,6 +286,9 @@ def test_refused_networks_give_one_line_errors(spec, match):
             {"op": "conv", "cout": 4, "k": 3}, {"op": "relu"}, {"op": "maxpool", "k": 2}]}]})
     elif spec == "resnet8":
         net = preset("resnet8", (3, 8, 8), width=0.25)
+    elif spec == "nonsquare":  # DS-CNN's first conv is 10x4: nir's type inference fails on it
+        net = NetSpec.from_dict({**SPEC, "blocks": [{"layers": [
+            {"op": "conv", "cout": 4, "k": [3, 1]}, {"op": "relu"}]}]})
     else:
         net = NetSpec.from_dict({**SPEC, "blocks": [{"layers": [
             {"op": "bn"}, {"op": "conv", "cout": 4, "k": 3}, {"op": "relu"}]}]})
