@@ -268,26 +268,8 @@ def elf_sizes(path: str | Path) -> dict[str, int]:
     """Section sizes of an ELF object by kind (what `size` prints as text/data/bss, with
     read-only data apart): code = allocated executable, rodata = allocated read-only,
     data = allocated writable with contents, bss = allocated writable without."""
-    blob = Path(path).read_bytes()
-    if blob[:4] != b"\x7fELF":
-        raise EdgeError(f"{path} is not an ELF object")
-    is64, little = blob[4] == 2, blob[5] == 1
-    e = "<" if little else ">"
-    if is64:
-        shoff, = struct.unpack_from(e + "Q", blob, 0x28)
-        shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x3A)
-    else:
-        shoff, = struct.unpack_from(e + "I", blob, 0x20)
-        shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x2E)
     out = {"code": 0, "rodata": 0, "data": 0, "bss": 0}
-    for i in range(shnum):
-        off = shoff + i * shentsize
-        if is64:
-            _, kind, flags = struct.unpack_from(e + "IIQ", blob, off)
-            size, = struct.unpack_from(e + "Q", blob, off + 0x20)
-        else:
-            _, kind, flags = struct.unpack_from(e + "III", blob, off)
-            size, = struct.unpack_from(e + "I", blob, off + 0x14)
+    for kind, flags, _, size, _, _ in _sections(*_elf(path)):
         if not flags & _SHF_ALLOC:
             continue
         if flags & _SHF_EXEC:
@@ -304,33 +286,41 @@ def elf_sizes(path: str | Path) -> dict[str, int]:
 _SHT_SYMTAB = 2
 
 
-def elf_undefined(path: str | Path) -> tuple[str, ...]:
-    """The undefined global symbols of an ELF object (what the firmware's link provides)."""
+def _elf(path: str | Path) -> tuple[bytes, bool, str]:
+    """(the file's bytes, 64-bit?, struct byte order) of an ELF object, or EdgeError."""
     blob = Path(path).read_bytes()
-    is64, e = blob[4] == 2, "<" if blob[5] == 1 else ">"
+    if blob[:4] != b"\x7fELF":
+        raise EdgeError(f"{path} is not an ELF object")
+    return blob, blob[4] == 2, "<" if blob[5] == 1 else ">"
+
+
+def _sections(blob: bytes, is64: bool, e: str) -> list[tuple[int, int, int, int, int, int]]:
+    """Every section header as (type, flags, offset, size, link, entsize)."""
     if is64:
         shoff, = struct.unpack_from(e + "Q", blob, 0x28)
         shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x3A)
+        fmt = e + "IIQQQQIIQQ"
     else:
         shoff, = struct.unpack_from(e + "I", blob, 0x20)
         shentsize, shnum = struct.unpack_from(e + "HH", blob, 0x2E)
-
-    def section(i: int) -> tuple[int, int, int, int, int]:  # type, offset, size, link, entsize
-        off = shoff + i * shentsize
-        if is64:
-            _, kind, _, _, sh_off, size, link, _, _, ent = struct.unpack_from(e + "IIQQQQIIQQ",
-                                                                              blob, off)
-        else:
-            _, kind, _, _, sh_off, size, link, _, _, ent = struct.unpack_from(e + "IIIIIIIIII",
-                                                                              blob, off)
-        return kind, sh_off, size, link, ent
-
-    names: set[str] = set()
+        fmt = e + "IIIIIIIIII"
+    out = []
     for i in range(shnum):
-        kind, off, size, link, ent = section(i)
+        _, kind, flags, _, off, size, link, _, _, ent = struct.unpack_from(
+            fmt, blob, shoff + i * shentsize)
+        out.append((kind, flags, off, size, link, ent))
+    return out
+
+
+def elf_undefined(path: str | Path) -> tuple[str, ...]:
+    """The undefined global symbols of an ELF object (what the firmware's link provides)."""
+    blob, is64, e = _elf(path)
+    sections = _sections(blob, is64, e)
+    names: set[str] = set()
+    for kind, _, off, size, link, ent in sections:
         if kind != _SHT_SYMTAB or not ent:
             continue
-        _, str_off, _, _, _ = section(link)
+        str_off = sections[link][2]
         for k in range(1, size // ent):
             at = off + k * ent
             if is64:
