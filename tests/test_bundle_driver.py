@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from net_setup import build, int_state
 
-from edge import rules
-from edge.nets import fold_batchnorm, preset
 from edge.optim import OptimConfig
 from edge.step import init_state, train_step
 from export.bundle import SCRIPT, check_bundle, load_state, write_bundle
@@ -30,7 +29,7 @@ from export.manifest import NOISE, PARAMS, STATE
 from export.runner import draw_noise
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
-from quant.integer import integer_step, quantize_input, rule_state
+from quant.integer import integer_step, quantize_input
 
 BATCH, STEPS, SEED = 4, 5, 7
 FP32_TOL = 1e-4  # relative L2 of the whole trajectory's update (float32 summation order)
@@ -142,23 +141,6 @@ def run_script(bundle: Path, views: Path, out: Path, per_block: bool) -> list[li
 def npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
-
-
-def build(seed: int = 0):
-    net = preset("digits", (1, 8, 8), 0.25)
-    rule = rules.get("clapp++")
-    gen = torch.Generator().manual_seed(seed)
-    params = net.init_params(gen)
-    net, params = fold_batchnorm(net, params)
-    rule.check(net)
-    params.update(rule.init(net, gen))
-    return net, rule, params
-
-
-def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
-    """The integer step's first state: the counter and the rule's own."""
-    return {"step": torch.zeros((), dtype=torch.int64),
-            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

@@ -21,37 +21,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from net_setup import build, int_state
 
-from edge import rules
 from edge.app.cli import main
 from edge.errors import EdgeError
-from edge.nets import fold_batchnorm, preset
 from edge.optim import OptimConfig
 from edge.step import init_state
 from export.bundle import MANIFEST, STATE_FILE, check_bundle, write_bundle
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
-from quant.integer import rule_state
 
 BATCH = 4
 ZEROS = "0" * 64
-
-
-def build():
-    net = preset("digits", (1, 8, 8), 0.25)
-    rule = rules.get("clapp++")
-    gen = torch.Generator().manual_seed(0)
-    params = net.init_params(gen)
-    net, params = fold_batchnorm(net, params)
-    rule.check(net)
-    params.update(rule.init(net, gen))
-    return net, rule, params
-
-
-def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
-    """The integer step's first state: the counter and the rule's own."""
-    return {"step": torch.zeros((), dtype=torch.int64),
-            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

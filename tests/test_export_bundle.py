@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from net_setup import build, int_state
 
-from edge import rules
 from edge.app.cli import main
 from edge.errors import EdgeError
 from edge.nets import encode, fold_batchnorm, preset
@@ -40,28 +40,11 @@ from export.manifest import FORMAT, NOISE, PARAMS, STATE, Manifest
 from export.runner import Runner
 from export.step import fp32_program, integer_program
 from quant.calibrate import make_plan
-from quant.integer import IntegerUpdate, integer_forward, quantize_input, rule_state
+from quant.integer import IntegerUpdate, integer_forward, quantize_input
 from quant.plan import QuantPlan
 
 BATCH = 4
 NORM = ((0.5,), (0.25,))
-
-
-def build():
-    net = preset("digits", (1, 8, 8), 0.25)
-    rule = rules.get("clapp++")
-    gen = torch.Generator().manual_seed(0)
-    params = net.init_params(gen)
-    net, params = fold_batchnorm(net, params)
-    rule.check(net)
-    params.update(rule.init(net, gen))
-    return net, rule, params
-
-
-def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
-    """The integer step's first state: the counter and the rule's own."""
-    return {"step": torch.zeros((), dtype=torch.int64),
-            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from net_setup import build, int_state
 
 from edge import rules
 from edge.errors import EdgeError
-from edge.nets import encode, fold_batchnorm, preset
+from edge.nets import encode, preset
 from edge.optim import OptimConfig
 from edge.step import init_state, train_step
 from export.inference import encoder_graph
@@ -34,23 +35,6 @@ from quant.integer import integer_step, make_noise, noise_shapes, quantize_input
 
 BATCH = 4
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
-
-
-def build(name: str = "digits", seed: int = 0):
-    net = preset(name, (1, 8, 8), 0.25)
-    rule = rules.get("clapp++")
-    gen = torch.Generator().manual_seed(seed)
-    params = net.init_params(gen)
-    net, params = fold_batchnorm(net, params)
-    rule.check(net)
-    params.update(rule.init(net, gen))
-    return net, rule, params
-
-
-def int_state(net, rule, plan, stores) -> dict[str, torch.Tensor]:
-    """The integer step's first state: the counter and the rule's own."""
-    return {"step": torch.zeros((), dtype=torch.int64),
-            **rule_state(net, rule.integer_form(net), plan, stores)}
 
 
 def views(n: int = BATCH, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
