@@ -156,8 +156,9 @@ def block_step(
         grads.update(block_grads(net, ex, i, params, saved, gy, chunk))
         del saved, gy
     new_params, new_state = {}, dict(rule_state)
+    update = opt.update if ex.traced else getattr(opt, "update_eager", opt.update)
     for name, g in grads.items():
-        new_params[name], upd = opt.update(name, params[name], g, state, step, noise)
+        new_params[name], upd = update(name, params[name], g, state, step, noise)
         new_state.update(upd)
     return rule.next_input(i, y), new_params, new_state, loss
 

@@ -205,8 +205,8 @@ class ReducingOptimizer:
             if wait or job.work.is_completed():
                 job.work.wait()
                 g = job.g * self.scale(job.name)
-                self.done[job.name] = self.base.update(job.name, job.p, g, job.state, job.step,
-                                                       job.noise)
+                update = getattr(self.base, "update_eager", self.base.update)
+                self.done[job.name] = update(job.name, job.p, g, job.state, job.step, job.noise)
             else:
                 keep.append(job)
         self.pending = keep

@@ -24,9 +24,10 @@ def bp_step(
     grads = torch.autograd.grad(loss, list(leaves.values()))
     step = state["step"] + 1
     new_params, new_state = {}, dict(state)
+    update = getattr(opt, "update_eager", opt.update)  # eager: the fused kernel
     with torch.no_grad():
         for (name, p), g in zip(params.items(), grads, strict=True):
-            new_params[name], upd = opt.update(name, p, g, state, step)
+            new_params[name], upd = update(name, p, g, state, step)
             new_state.update(upd)
     new_state["step"] = step
     loss = loss.detach()

@@ -129,29 +129,40 @@ def hinge_grads(
     z1: Tensor, z2: Tensor, c1: Tensor, c2: Tensor, P: dict[str, Tensor],
     neg1: Tensor | None = None, neg2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """Loss, dL/dz1, dL/dz2 and dL/dP in closed form."""
+    """Loss, dL/dz1, dL/dz2 and dL/dP in closed form.
+
+    The four terms run stacked (anchors Z = [z1; z1; z2; z2] against contexts
+    C = [c2; neg1; c1; neg2], signs [+, -, +, -]): one score, one modulator and one Hebbian
+    product for all of them, and the low-rank factor c V computed once per context."""
     n = z1.shape[0]
     s = 1.0 / (2 * n)
-    loss = z1.new_zeros(())
-    gz = [torch.zeros_like(z1), torch.zeros_like(z2)]
-    anchors, contexts = [], []
-    q1, q2 = predict(P, c1), predict(P, c2)
-    quads = _quads(z1, z2, c1, c2, neg1, neg2)
-    preds = (q2, torch.roll(q2, -1, 0) if neg1 is None else predict(P, neg1),
-             q1, torch.roll(q1, -1, 0) if neg2 is None else predict(P, neg2))
-    for (z, c, sign, view), q in zip(quads, preds, strict=True):
-        margin = 1 - sign * (z * q).sum(1)
-        loss = loss + F.relu(margin).sum() * s
-        m = -sign * s * (margin > 0).to(z.dtype)  # dL/du: the modulating factor
-        gz[view] = gz[view] + m[:, None] * q
-        anchors.append(m[:, None] * z)
-        contexts.append(c)
-    a, c = torch.cat(anchors), torch.cat(contexts)
-    if "B" in P:
-        gP = {"B": a.t() @ c}
+    low = "B" not in P
+    t = torch.cat((c1, c2)) @ P["V"] if low else None  # (2N, r): c V for both views
+    q = t @ P["U"].t() if low else torch.cat((c1, c2)) @ P["B"].t()  # B c, both views
+    q1, q2 = q[:n], q[n:]
+    if neg1 is None:  # in-batch negatives: the rolled rows of what is already computed
+        nq1, nq2 = torch.roll(q2, -1, 0), torch.roll(q1, -1, 0)
     else:
-        gP = {"U": a.t() @ (c @ P["V"]), "V": c.t() @ (a @ P["U"])}
-    return loss, gz[0], gz[1], gP
+        nq1, nq2 = predict(P, neg1), predict(P, neg2)
+    Z = torch.cat((z1, z1, z2, z2))
+    Q = torch.cat((q2, nq1, q1, nq2))
+    sign = torch.cat((z1.new_ones(n), -z1.new_ones(n))).repeat(2)[:, None]  # (4N, 1)
+    margin = 1 - sign * (Z * Q).sum(1, keepdim=True)
+    loss = F.relu(margin).sum() * s
+    m = (-s * sign) * (margin > 0).to(Z.dtype)  # dL/du per term: the modulating factor
+    G = m * Q
+    gz1, gz2 = G[:n] + G[n : 2 * n], G[2 * n : 3 * n] + G[3 * n :]
+    A = m * Z
+    C = torch.cat([c for _, c, _, _ in _quads(z1, z2, c1, c2, neg1, neg2)])
+    if not low:
+        return loss, gz1, gz2, {"B": A.t() @ C}
+    t1, t2 = t[:n], t[n:]
+    if neg1 is None:
+        nt1, nt2 = torch.roll(t2, -1, 0), torch.roll(t1, -1, 0)
+    else:
+        nt1, nt2 = neg1 @ P["V"], neg2 @ P["V"]
+    CV = torch.cat((t2, nt1, t1, nt2))  # C V, from the factors already computed
+    return loss, gz1, gz2, {"U": A.t() @ CV, "V": C.t() @ (A @ P["U"])}
 
 
 class HingeRule(LocalRule):
