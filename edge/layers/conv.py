@@ -16,8 +16,9 @@ alike: torch 2.13's CPU weight gradient of a channels-last 1x1 stride-2 conv is 
 some inputs (and for a channels-last input with an NCHW error). Weight gradients come back
 contiguous. Traced: ONNX has no
 weight-gradient op; the weight gradient is one GEMM per kernel offset, (O_g x NH'W') @
-(NH'W' x C/G) over the input's strided window at that offset (no unfold buffer, and what
-onnxruntime runs fastest); dx is ConvTranspose. Same sums, up to float rounding order.
+(NH'W' x C/G) over the input's strided window at that offset (no unfold buffer), the input
+transposed once (NHWC; depthwise: GNHW) so each window is a Slice that reshapes to the
+operand with no per-offset Transpose; dx is ConvTranspose. Same sums, up to float rounding order.
 
 Integer form (x 8-bit at 2^-f_x, w int8 at 2^-f_w, b int32 at 2^-(f_x + f_w)):
     acc = conv(x, w) + b                          int32, exponent f_x + f_w (ConvInteger)
@@ -128,6 +129,24 @@ class Conv(Primitive):
         grp, cg, og = self.groups, c // self.groups, o // self.groups
         k = n * oh * ow
         gm = g.transpose(0, 1).reshape(grp, og, k)  # G, O_g, K
+        if grp == 1 or cg == 1:
+            # the input transposed once, so that every offset's window is a slice that
+            # reshapes to the GEMM operand (a per-offset transpose costs as much as the GEMM)
+            (kh, kw), (sh, sw), (ph, pw) = self.k, self.stride, self.padding
+            xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+            xt = xp.permute(0, 2, 3, 1) if grp == 1 else xp.transpose(0, 1)  # NHWC / GNHW
+            cols = []
+            for i in range(kh):
+                for j in range(kw):
+                    hs = slice(i, i + sh * (oh - 1) + 1, sh)
+                    ws = slice(j, j + sw * (ow - 1) + 1, sw)
+                    if grp == 1:
+                        xm = xt[:, hs, ws, :].reshape(k, c)  # K, C
+                        cols.append((gm[0] @ xm).reshape(o, c, 1))
+                    else:
+                        xm = xt[:, :, hs, ws].reshape(grp, k, 1)  # G, K, 1
+                        cols.append((gm @ xm).reshape(o, 1, 1))
+            return torch.cat(cols, 2).reshape(o, cg, *self.k)
         cols = []
         for _, _, xs in intops._windows(x, self.geom, oh, ow):
             xm = xs.permute(0, 2, 3, 1).reshape(k, grp, cg).transpose(0, 1)  # G, K, C_g
