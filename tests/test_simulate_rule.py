@@ -83,3 +83,13 @@ def test_max_batch_for_a_rule_and_a_fixed_batch_bundle(capsys, tmp_path):
     code, _, err = run(capsys, "simulate", "--target", "rp2040", "--bundle", str(tmp_path / "b"),
                        "--max-batch")
     assert code == 2 and "fixed batch size" in err and err.count("\n") == 1
+
+
+def test_max_batch_none_says_why(capsys):
+    """When not even the smallest batch fits, the JSON says so (not a bare null)."""
+    code, out, err = run(capsys, "simulate", "--target", "stm32f746", "--rule", "clapp++",
+                         "--data", "digits", "--max-batch", "--json")
+    assert code in (0, None), err
+    r = json.loads(out)
+    assert r["max_batch"] is None and not r["fits"]
+    assert "smallest batch does not fit" in r["max_batch_note"]

@@ -233,6 +233,8 @@ def simulate_cmd(
             obj["per_layer_vs_whole_peak"] = layer_report.peak_bytes / report.peak_bytes
         if max_batch:
             obj["max_batch"] = best
+            if best is None:
+                obj["max_batch_note"] = NO_BATCH_FITS
         if plot is not None:
             obj["plot"] = str(plot)
         if bundle is not None and (iree := read_iree_report(bundle)):
@@ -261,13 +263,15 @@ def simulate_cmd(
             f"{report.peak_bytes / bp_report.peak_bytes:.2f}"
         )
     if max_batch:
-        shown = best if best is not None else "none (the smallest batch does not fit)"
+        shown = best if best is not None else f"none ({NO_BATCH_FITS})"
         console.print(f"largest batch that fits: {shown}")
     if plot is not None:
         console.print(f"timeline written to {plot}")
 
 
 MAX_BATCH = 4096
+NO_BATCH_FITS = ("the smallest batch does not fit; see the peak above: try a narrower --width, "
+                 "--quant int8-w16 --mode integer, or a larger target")
 
 
 def total_bytes(report: Any) -> int:
