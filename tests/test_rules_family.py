@@ -152,3 +152,18 @@ def test_ff_symba_contrasts_each_view_with_its_negative() -> None:
     assert torch.allclose(dn, -(d1 + d2)) and (d1 < 0).all() and (d2 < 0).all()
     wider = rule._loss_and_dg([g[0] + 1, g[1] + 1, g[2]])[0]
     assert float(wider) < float(loss)
+
+
+def test_pool_list_from_the_command_line_and_bad_kernels() -> None:
+    """`--hp pool=4,4,2` is the per-layer list; a non-integer kernel is a one-line error,
+    not a TypeError from the comparison."""
+    from edge.app.commands import parse_hparams
+
+    assert parse_hparams(["pool=4,4,2", "rank=16", "predictor=full"]) == {
+        "pool": [4, 4, 2], "rank": 16, "predictor": "full"}
+    net = NetSpec("two", (1, 8, 8), (Block((Conv(1, 4, 3, 1, 1), ReLU())),
+                                     Block((Conv(4, 4, 3, 1, 1), ReLU()))))
+    rules.get("clapp++", pool=[4, 2]).check(net)
+    for bad in (["a", "b"], "x", [2.5, 2]):
+        with pytest.raises(EdgeError, match="must be an integer"):
+            rules.get("clapp++", pool=bad).check(net)

@@ -98,6 +98,8 @@ def pool_kernel(k: int | None, shape: tuple[int, ...], i: int) -> int:
     h, w = shape[1], shape[2]
     if k is None:
         return max(1, min(h, w) // 2)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise EdgeError(f"pooling kernel of layer {i} must be an integer, got {k!r}")
     if k < 1 or k > min(h, w):
         raise EdgeError(
             f"pooling kernel {k} does not fit layer {i}'s {h}x{w} output; use 1..{min(h, w)}"

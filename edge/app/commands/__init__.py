@@ -16,7 +16,8 @@ IN_SHAPES: dict[str, tuple[int, int, int]] = {
 
 
 def parse_hparams(items: list[str]) -> dict[str, Any]:
-    """`--hp key=value` options -> dict; values are JSON where they parse, else strings."""
+    """`--hp key=value` options -> dict; values are JSON where they parse (`a,b,c` as the
+    list [a, b, c]), else strings."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -25,5 +26,8 @@ def parse_hparams(items: list[str]) -> dict[str, Any]:
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            try:  # a comma list, e.g. pool=4,4,2: a JSON list without the brackets
+                out[key] = json.loads(f"[{value}]") if "," in value else value
+            except json.JSONDecodeError:
+                out[key] = value
     return out
