@@ -5,8 +5,8 @@ then `Module` / `Optimizer`) was its on-device training story; 1.19.2 is the las
 `onnxruntime-training-cpu` and it needs onnx 1.16 and a torch at import, so it lives in its
 own venv and runs here as a subprocess:
 
-    python3.11 -m venv /work/venv-ortt
-    /work/venv-ortt/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.16.2 torch
+    python3.11 -m venv ../venv-ortt
+    ../venv-ortt/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.16.2 torch
 
 (or, to reuse this venv's torch, install only the first two and put a `.pth` file naming
 this venv's site-packages into the anchor venv's: its own onnxruntime and onnx come first).
@@ -28,7 +28,7 @@ the anchor's first loss against torch's bp-clapp++ loss at the same parameters a
 (relative 1e-5).
 
     python benchmarks/ort_training_anchor.py [--net vgg6 --width 0.125 --batch 32]
-        [--repeats 5 --steps 5 --threads 2 --venv /work/venv-ortt]
+        [--repeats 5 --steps 5 --threads 2 --venv ../venv-ortt]
 
 Writes benchmarks/results/ort_training_anchor/results.json and results.md; exit status 2
 with a one-line `error:` when the venv or its packages are missing.
@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_VENV = Path(os.environ.get("EDGE_ORTT_VENV", "/work/venv-ortt"))
+DEFAULT_VENV = Path("../venv-ortt")  # beside the checkout, as the set-up above makes it
 RESULTS = Path(__file__).resolve().parent / "results" / "ort_training_anchor"
 SETUP = ("python3.11 -m venv {v} && {v}/bin/pip install onnxruntime-training-cpu==1.19.2 "
          "onnx==1.16.2 torch")
