@@ -93,3 +93,20 @@ def test_max_batch_none_says_why(capsys):
     r = json.loads(out)
     assert r["max_batch"] is None and not r["fits"]
     assert "smallest batch does not fit" in r["max_batch_note"]
+
+
+def test_negatives_option_is_the_train_option(capsys):
+    """`--negatives memory:K` (edge train's spelling) simulates the same step as --hp
+    negatives=K, not the in-batch step."""
+    peaks = []
+    for flags in (["--negatives", "memory:4"], ["--hp", "negatives=4"]):
+        code, out, err = run(capsys, "simulate", "--target", "nrf52840", "--rule", "clapp++",
+                             "--data", "digits", "--width", "0.25", "--batch", "1", *flags,
+                             "--json")
+        assert code in (0, None), err
+        peaks.append(json.loads(out)["peak_bytes"])
+    assert peaks[0] == peaks[1] > 0
+    code, out, err = run(capsys, "simulate", "--target", "nrf52840", "--rule", "clapp++",
+                         "--data", "digits", "--width", "0.25", "--batch", "2", "--json")
+    assert code in (0, None), err
+    assert json.loads(out)["peak_bytes"] != peaks[0]

@@ -87,6 +87,9 @@ def export_cmd(
     = None,
     weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD).")] = 0.0,
     hp: Annotated[list[str], typer.Option(help="Rule hyper-parameter key=value.")] = [],  # noqa: B006
+    negatives: Annotated[str, typer.Option(
+        help="batch | memory:K (as edge train: the last K codes, bound as step state).")]
+    = "batch",
     seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
     per_layer: Annotated[bool, typer.Option(help="Also write one step graph per layer.")]
     = False,
@@ -139,7 +142,8 @@ def export_cmd(
         tgt = targets.load(target)
     cfg = TrainConfig(rule=rule, data=data, batch_size=batch_size, lr=lr, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed, net=net, width=width, subset=subset,
-                      rule_hparams=parse_hparams(hp), quant=quant, mode=mode)
+                      rule_hparams=parse_hparams(hp), quant=quant, mode=mode,
+                      negatives=negatives)
     if quant != "fp32" and mode != "integer":
         raise EdgeError(f"--mode {mode} trains fp32 latent weights with an fp32 step; export "
                         "--mode integer, or --quant fp32 for the float step")

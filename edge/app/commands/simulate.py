@@ -119,6 +119,8 @@ def simulate_cmd(
     mode: Annotated[str, typer.Option(help="--rule with --quant int8*: integer.")] = "integer",
     optimizer: Annotated[str, typer.Option(help="--rule: adamw | sgd.")] = "adamw",
     hp: Annotated[list[str], typer.Option(help="--rule: hyper-parameter key=value.")] = [],  # noqa: B006
+    negatives: Annotated[str, typer.Option(
+        help="--rule: batch | memory:K (as edge train).")] = "batch",
     per_layer: Annotated[bool, typer.Option(
         "--per-layer", help="--rule: also the per-block graphs run one after another.")] = False,
     profile: Annotated[str, typer.Option(help="--rule: operator profile plain | npu.")]
@@ -161,11 +163,12 @@ def simulate_cmd(
         from edge.app.commands import parse_hparams
 
         cfg = TrainConfig(rule=rule, data=data, net=net, width=width, quant=quant, mode=mode,
-                          optimizer=optimizer, rule_hparams=parse_hparams(hp))
+                          optimizer=optimizer, rule_hparams=parse_hparams(hp),
+                          negatives=negatives)
         batch = batch or 32
-    elif quant != "fp32" or per_layer or hp:
-        raise EdgeError("--quant, --mode, --hp and --per-layer describe a --rule's step; a "
-                        "bundle or model says its own")
+    elif quant != "fp32" or per_layer or hp or negatives != "batch":
+        raise EdgeError("--quant, --mode, --hp, --negatives and --per-layer describe a --rule's "
+                        "step; a bundle or model says its own")
     from rich.console import Console
 
     from edge.app.commands import sim_sources
