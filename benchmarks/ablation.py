@@ -26,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run_one(name: str, flags: list[str], seed: int, data_dir: str, out: Path) ->
     if f.exists():
         return json.loads(f.read_text()) | {"reused": True}
     f.parent.mkdir(parents=True, exist_ok=True)
-    res = _train([*BASE, *flags, "--seed", str(seed)], data_dir, out / "ckpt" / f.stem)
+    with tempfile.TemporaryDirectory() as tmp:  # the run's checkpoint is not a result
+        res = _train([*BASE, *flags, "--seed", str(seed)], data_dir, Path(tmp) / "run")
     res |= {"date": datetime.date.today().isoformat(), "seed": seed}
     f.write_text(json.dumps(res, indent=1) + "\n")
     return res | {"reused": False}
