@@ -284,10 +284,11 @@ def total_bytes(report: Any) -> int:
     return report.arena_bytes + d.get("parameter", 0) + d.get("optimizer_state", 0)
 
 
-def rule_max_batch(cfg: Any, tgt: Target, persistent: str, inplace: bool, profile: str,
-                   lowest: int = 2) -> int | None:
+def rule_max_batch(cfg: Any, tgt: Target, persistent: str, inplace: bool,
+                   profile: str) -> int | None:
     """The largest batch whose exported step fits `tgt` (re-exported per batch: doubling,
-    then bisection; the step's peak grows with the batch)."""
+    then bisection; the step's peak grows with the batch), from 1 with a memory of
+    negatives, else 2 (in-batch negatives need two images)."""
     from edge.app.commands import sim_sources
     from edge.sim.simulate import simulate
 
@@ -296,6 +297,7 @@ def rule_max_batch(cfg: Any, tgt: Target, persistent: str, inplace: bool, profil
         return simulate(m, tgt, sim_options(manifest=man, persistent=persistent,
                                             inplace=inplace)).fits
 
+    lowest = 1 if cfg.memory_size() else 2
     if not fits(lowest):
         return None
     lo, hi = lowest, lowest * 2
