@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.export_speed import _rate, _spread
 from benchmarks.memory import setup
 from edge.layers.conv import Conv
 from edge.layers.linear import Linear
@@ -59,11 +60,6 @@ def _stepper(net: NetSpec, rule_name: str, batch: int, seed: int = 0):
     return step, rule
 
 
-def _spread(v: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(v), digits), "min": round(min(v), digits),
-            "max": round(max(v), digits)}
-
-
 def weighted_layers(net: NetSpec) -> list[dict]:
     """Every conv / linear of the net: (block, primitive, input shape, forward MACs per
     sample, whether a local step needs its input gradient)."""
@@ -80,18 +76,32 @@ def weighted_layers(net: NetSpec) -> list[dict]:
     return out
 
 
-def step_macs(net: NetSpec, rule: Any, batch: int) -> dict[str, int]:
-    """Multiply-adds of one step of `rule` (module docstring, section 2)."""
+def step_kernels(net: NetSpec, rule: Any, batch: int) -> list[dict[str, int]]:
+    """Per weighted layer (in `weighted_layers` order): the rows each kernel kind runs over
+    in one step of `rule` (module docstring, section 2)."""
     layers = weighted_layers(net)
-    fwd = sum(lay["macs"] for lay in layers)
-    if not rule.is_local:
-        rows = 2 * batch
-        gx = sum(lay["macs"] for lay in layers[1:])
-        return {"forward": rows * fwd, "weight_grad": rows * fwd, "input_grad": rows * gx}
-    rows = rule.streams * batch
-    gx = sum(lay["macs"] for lay in layers if lay["local_gx"])
-    context = 2 * batch * fwd if getattr(rule, "needs_top", False) else 0
-    return {"forward": rows * fwd + context, "weight_grad": rows * fwd, "input_grad": rows * gx}
+    out = []
+    for lay in layers:
+        if not rule.is_local:  # both views; every input gradient but the first layer's
+            rows = 2 * batch
+            out.append({"forward": rows, "weight_grad": rows,
+                        "input_grad": rows if lay is not layers[0] else 0})
+            continue
+        rows = rule.streams * batch
+        context = 2 * batch if getattr(rule, "needs_top", False) else 0
+        out.append({"forward": rows + context, "weight_grad": rows,
+                    "input_grad": rows if lay["local_gx"] else 0})
+    return out
+
+
+def step_macs(net: NetSpec, rule: Any, batch: int) -> dict[str, int]:
+    """Multiply-adds of one step of `rule`, per kernel kind."""
+    per = zip(weighted_layers(net), step_kernels(net, rule, batch), strict=True)
+    total = {"forward": 0, "weight_grad": 0, "input_grad": 0}
+    for lay, rows in per:
+        for k, r in rows.items():
+            total[k] += r * lay["macs"]
+    return total
 
 
 def _time(f, reps: int) -> float:
@@ -146,23 +156,11 @@ def gemm_gflops(n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 / _time(lambda: a @ b, reps) / 1e9
 
 
-def kernel_seconds(net: NetSpec, rule: Any, batch: int, kernels: dict) -> float:
-    """The step's conv/linear kernels alone: the isolated times at 2 x batch rows (both
-    views), scaled by the rows the rule runs."""
-    layers = weighted_layers(net)
-    rows2 = 2 * batch
-    t = 0.0
-    for lay, k in zip(layers, kernels["layers"], strict=True):
-        if not rule.is_local:
-            t += k["forward"] + k["weight_grad"] + (k["input_grad"] if lay is not layers[0]
-                                                    else 0.0)
-            continue
-        scale = rule.streams * batch / rows2
-        t += scale * (k["forward"] + k["weight_grad"] + (k["input_grad"] if lay["local_gx"]
-                                                         else 0.0))
-        if getattr(rule, "needs_top", False):
-            t += k["forward"]
-    return t
+def kernel_seconds(net: NetSpec, rule: Any, batch: int, kernels: dict, rows: int) -> float:
+    """The step's conv/linear kernels alone: each layer's isolated times (measured at `rows`
+    rows), scaled to the rows the step runs them over."""
+    per = zip(kernels["layers"], step_kernels(net, rule, batch), strict=True)
+    return sum(k[kind] * r / rows for k, step in per for kind, r in step.items())
 
 
 def run(width: float = 0.125, batch: int = 32, rules: tuple[str, ...] = LOCAL_RULES,
@@ -187,7 +185,7 @@ def run(width: float = 0.125, batch: int = 32, rules: tuple[str, ...] = LOCAL_RU
         "net": f"vgg6 x{width}", "batch": batch, "threads": threads, "repeats": repeats,
         "steps_per_repeat": steps,
         "samples_per_s": {k: _spread(v, 1) for k, v in rates.items()},
-        "ratio_vs_bp": {k: _spread([a / b for a, b in zip(rates[k], rates[BP], strict=True)])
+        "ratio_vs_bp": {k: _spread([a / b for a, b in zip(rates[k], rates[BP], strict=True)], 3)
                         for k in rules},
         "machine": {"gemm_1024_gflops": round(gemm, 1),
                     "conv_gflops": {k: round(v, 1) for k, v in kernels["gflops"].items()},
@@ -199,7 +197,7 @@ def run(width: float = 0.125, batch: int = 32, rules: tuple[str, ...] = LOCAL_RU
     for name in names:
         macs = step_macs(net, rule_objs[name], batch)
         t = batch / statistics.median(rates[name])
-        kt = kernel_seconds(net, rule_objs[name], batch, kernels)
+        kt = kernel_seconds(net, rule_objs[name], batch, kernels, 2 * batch)
         out["arithmetic"][name] = {
             "macs": macs, "total_macs": sum(macs.values()),
             "step_ms": round(t * 1e3, 2), "kernel_ms": round(kt * 1e3, 2),
@@ -215,13 +213,6 @@ def run(width: float = 0.125, batch: int = 32, rules: tuple[str, ...] = LOCAL_RU
                                    round(os.getloadavg()[0], 2)],
                   "cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "torch": torch.__version__}
-
-
-def _rate(step, steps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
