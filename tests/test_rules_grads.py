@@ -135,12 +135,15 @@ def test_a_wrong_closed_form_is_caught() -> None:
 @pytest.mark.parametrize("name", ["clapp", "clapp++", "clapp++dfb", "clapp++both"])
 def test_negatives_from_memory_match_autograd(name: str) -> None:
     """With a memory of past codes (filled with random codes: zeros would be inert) the
-    closed form still equals autograd, at batch 1 and batch 6."""
+    closed form still equals autograd, at batch 1 and batch 6. The memory is drawn from a
+    seeded generator: CLAPP's hinge at batch 1 can be inactive for every pair of an unlucky
+    draw (about 6 draws in 100), which would leave nothing to compare."""
     net = NETS["conv-pool"]
+    gen = torch.Generator().manual_seed(0)
     for batch in (1, 6):
         rule, params, x1, x2 = setup(name, net, negatives=3)
         x1, x2 = x1[:batch], x2[:batch]
-        state = {k: torch.rand(v.shape, dtype=torch.float64)
+        state = {k: torch.rand(v.shape, dtype=torch.float64, generator=gen)
                  for k, v in rule.init_state(net).items()}
         assert state and all(v.shape[0] == 3 for v in state.values())
         for i, x, ctx in walk(net, rule, params, x1, x2):
