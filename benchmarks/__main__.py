@@ -128,8 +128,8 @@ def headline(sec: dict) -> dict:
     acc, mem = sec.get("accuracy"), sec.get("memory")
     spd, ort, quant = sec.get("speed"), sec.get("export_speed"), sec.get("quant")
     h: dict = {"best_local_rule": None, "accuracy_ratio": None,
-               "accuracy_ratio_last_layer": None, "memory_ratio": None,
-               "memory_floor_ratio": None, "speed_ratio_local_vs_bp": None,
+               "accuracy_ratio_last_layer": None, "accuracy_ratio_adam_probe": None,
+               "memory_ratio": None, "memory_floor_ratio": None, "speed_ratio_local_vs_bp": None,
                "speed_ratio_onnxruntime_vs_torch": None, "quant_gap_points": None}
     if acc:
         summary = acc["summary"]
@@ -141,6 +141,9 @@ def headline(sec: dict) -> dict:
             h["best_local_rule"] = best
             h["accuracy_ratio"] = local[best]["all"]["mean"] / bp["all"]["mean"]
             h["accuracy_ratio_last_layer"] = local[best]["last"]["mean"] / bp["last"]["mean"]
+            if "all_adam" in local[best] and "all_adam" in bp:
+                h["accuracy_ratio_adam_probe"] = (local[best]["all_adam"]["mean"]
+                                                  / bp["all_adam"]["mean"])
     if mem:
         rows = {r["rule"]: r for r in mem["rows"]}
         h["memory_ratio"] = rows["clapp++"]["peak_bytes"] / rows["bp-infonce"]["peak_bytes"]
@@ -157,7 +160,8 @@ def headline(sec: dict) -> dict:
 
 # which section each headline figure comes from
 FIGURE_SECTION = {"best_local_rule": "accuracy", "accuracy_ratio": "accuracy",
-                  "accuracy_ratio_last_layer": "accuracy", "memory_ratio": "memory",
+                  "accuracy_ratio_last_layer": "accuracy",
+                  "accuracy_ratio_adam_probe": "accuracy", "memory_ratio": "memory",
                   "memory_floor_ratio": "memory", "speed_ratio_local_vs_bp": "speed",
                   "speed_ratio_onnxruntime_vs_torch": "export_speed",
                   "quant_gap_points": "quant"}

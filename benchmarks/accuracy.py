@@ -2,7 +2,8 @@
 
 Every run trains the same network on the same images for the same epochs with `edge.app.train`
 (one run directory each, so an interrupted profile resumes where it stopped), then probes
-the checkpoint twice: pooled features of all layers (the paper's probe) and of the last
+the checkpoint: pooled features of all layers (edge's L-BFGS probe and the paper's kind, a
+linear layer trained with Adam for fixed epochs: `all_adam`; see `edge.probe`) and of the last
 layer only (which separates methods more). The random encoder is the same network at its
 initialisation, probed the same way. Seeds give the spread.
 """
@@ -20,12 +21,16 @@ from edge.app.config import TrainConfig
 from edge.app.train import build, train
 from edge.data import load
 from edge.nets import NetSpec
-from edge.probe import probe_accuracy
+from edge.probe import probe_accuracies, probe_accuracy
+
+PROBES = ("all", "last", "all_adam")
 
 
 def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:
     params = {k: v.cpu() for k, v in params.items()}
-    return {layers: probe_accuracy(net, params, ds, layers) for layers in ("all", "last")}
+    both = probe_accuracies(net, params, ds, "all")
+    return {"all": both["lbfgs"], "last": probe_accuracy(net, params, ds, "last"),
+            "all_adam": both["adam"]}
 
 
 REUSE = ("same-code", "any", "none")
@@ -94,7 +99,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     for name in dict.fromkeys(r["rule"] for r in rows):
         mine = [r for r in rows if r["rule"] == name]
         entry: dict = {"seeds": [r["seed"] for r in mine]}
-        for layers in ("all", "last"):
+        for layers in PROBES:
+            if any(layers not in r["probe"] for r in mine):
+                continue  # rows probed before the Adam protocol existed
             vals = [r["probe"][layers] for r in mine]
             entry[layers] = {
                 "mean": statistics.mean(vals),

@@ -13,7 +13,9 @@ dL/dy for all rows whatever it does (the rule couples the rows); what row chunks
 its full-size intermediate maps (a conv's output before the pool, the routed error). So each
 block runs forward and adjoint over the fewest row chunks that keep its largest intermediate
 map within a quarter of the physical floor's working set (the largest block's input and
-pre-activation output for all rows; a power of two of chunks), the block output stacked
+pre-activation output for all rows; a power of two of chunks), and within an eighth in the
+block that sets the floor (its whole-batch input is already the largest, so its chunks must
+be smaller for it not to set the peak: VGG-6's second block), the block output stacked
 after: the big early blocks in a few chunks, the rest as single calls (fewer, larger
 kernels). Other executors run the
 forward on all rows and the adjoint over chunks of `ex.chunk_rows` rows, by default one
@@ -91,13 +93,16 @@ def row_chunks(net: NetSpec, rows: int) -> tuple[int, ...]:
     """How many row chunks each block runs in under the plain eager executor: the fewest,
     as a power of two (equal chunks, aligned with the views), that keep its largest
     intermediate map within a quarter of the floor's working set, the max over blocks of
-    input + largest map, all rows (module docstring); at most `rows`."""
+    input + largest map, all rows, and within an eighth in the block that sets it (module
+    docstring); at most `rows`."""
     maps = [_maps(b, s) for b, s in zip(net.blocks, net.block_inputs(), strict=True)]
-    floor = max(m[0] + max(m[1:]) for m in maps)
+    sets = [m[0] + max(m[1:]) for m in maps]
+    floor = max(sets)
     out = []
-    for m in maps:
+    for j, m in enumerate(maps):
+        share = 8 if j == sets.index(floor) else 4
         c = 1
-        while c * floor < 4 * max(m[1:]) and 2 * c <= rows:
+        while c * floor < share * max(m[1:]) and 2 * c <= rows:
             c *= 2
         out.append(c)
     return tuple(out)

@@ -25,6 +25,18 @@ def test_pooling_kernel_per_block():
         rule.check(vgg([4, 6, 8], [], (2, 8, 8)))
 
 
+def test_default_grid_is_the_reference_grid_on_cifar_vgg6_and_capped_at_8x8():
+    from edge.nets.presets import preset
+
+    rule = get("clapp++")
+    rule.check(preset("vgg6", (3, 32, 32), 0.125))  # maps of side 32, 16, 16, 8, 4, 2
+    assert [c.shape[1] for c in rule.codes] == [8, 4, 4, 4, 2, 2]  # kernels 4, 4, 4, 2, 2, 1
+    rule.check(preset("vgg6", (3, 96, 96), 0.125))  # STL-10: 96, 48, 48, 24, 12, 6
+    assert [c.shape[1] for c in rule.codes] == [8, 8, 8, 6, 6, 3]  # kernels 12, 6, 6, 4, 2, 2
+    rule.check(preset("mnist", (1, 28, 28)))  # 14, 7, 3
+    assert [c.shape[1] for c in rule.codes] == [7, 3, 3]
+
+
 @pytest.mark.parametrize("kw", [{"pool": 9}, {"pool": 0}, {"predictor": "dense"}, {"rank": 0}])
 def test_bad_hyperparameters(kw):
     net = vgg([4], [], (1, 8, 8))

@@ -38,7 +38,7 @@ from edge.data import load, two_views, view_config
 from edge.errors import EdgeError, Interrupted
 from edge.nets import NetSpec, default_preset, encode, fold_batchnorm, resolve
 from edge.optim import OptimConfig
-from edge.probe import probe_accuracy
+from edge.probe import probe_accuracies
 from edge.step import init_state, train_step
 
 RESULT = "result.json"
@@ -337,15 +337,18 @@ def train(
         hint = "; resume with the same command and --resume" if ckpt_path.exists() else ""
         raise Interrupted(f"interrupted: {saved}{hint}") from None
     params, _, _ = engine.tensors()
-    acc = random_acc = None
-    if probe:
-        acc = probe_accuracy(net, params, ds, cfg.probe_layers, encode_fn=engine.encoder())
+    probes = random_probes = {}
+    if probe:  # both protocols (edge.probe); the `lbfgs` one is the headline
+        probes = probe_accuracies(net, params, ds, cfg.probe_layers, encode_fn=engine.encoder())
         random = {k: v.to(device) for k, v in params0.items()}
-        random_acc = probe_accuracy(net, random, ds, cfg.probe_layers)
+        random_probes = probe_accuracies(net, random, ds, cfg.probe_layers)
+    acc, random_acc = probes.get("lbfgs"), random_probes.get("lbfgs")
     result = {
         "rule": cfg.rule, "data": ds.name, "net": net.name, "epochs": cfg.epochs,
         "subset": cfg.subset, "train_images": n, "probe_layers": cfg.probe_layers,
         "probe_accuracy": acc, "random_probe_accuracy": random_acc,
+        "probe_adam_accuracy": probes.get("adam"),
+        "random_probe_adam_accuracy": random_probes.get("adam"),
         "final_loss": history[-1]["loss"] if history else None, "history": history,
         "alignment": _mean_alignment(history), "parameters": param_counts(params),
         "seconds": round(time.perf_counter() - t0, 2), "checkpoint": str(ckpt_path),

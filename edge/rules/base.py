@@ -92,12 +92,20 @@ class LocalRule:
 
 
 def pool_kernel(k: int | None, shape: tuple[int, ...], i: int) -> int:
-    """Average-pool kernel for block i's output `shape` (C, H, W): default gives about 2x2."""
+    """Average-pool kernel for block i's output `shape` (C, H, W).
+
+    The default is the paper's reference grid on CIFAR-10's VGG-6 (maps of side 32, 16, 16,
+    8, 4, 2 pooled by 4, 4, 4, 2, 2, 1), extended to any map: kernel 4 on sides of 16 or more
+    (but at least side/8, so no code is finer than 8x8 and the predictor stays device-sized
+    on larger images), 2 on sides 4-15, 1 below. A coarser ~2x2 code (edge's first default)
+    left CLAPP++ below the untrained encoder on CIFAR-10 (benchmarks/results/ablation).
+    """
     if len(shape) == 1:
         return 1
     h, w = shape[1], shape[2]
     if k is None:
-        return max(1, min(h, w) // 2)
+        side = min(h, w)
+        return max(4, -(-side // 8)) if side >= 16 else 2 if side >= 4 else 1
     if isinstance(k, bool) or not isinstance(k, int):
         raise EdgeError(f"pooling kernel of layer {i} must be an integer, got {k!r}")
     if k < 1 or k > min(h, w):

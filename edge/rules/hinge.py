@@ -171,7 +171,7 @@ class HingeRule(LocalRule):
 
     terms: ClassVar[tuple[Term, ...]] = (("", "same"),)
     predictor: str = "full"
-    rank: int = 64
+    rank: int = 32
     negatives: int = 0  # K: negatives from a memory of K past codes (0: the batch's images)
 
     def _set_negatives(self, negatives: int) -> None:
