@@ -46,6 +46,7 @@ behind a gradient all-reduce.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import socket
@@ -154,6 +155,10 @@ def connect(mode: str = "data", cuda: bool = False, bounds: list[int] | None = N
                 raise EdgeError("--device cuda: no CUDA device here; use --device cpu (gloo)")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        # Exiting with the group alive lets gloo's worker threads outlive the interpreter:
+        # an intermittent "terminate called without an active exception" abort at exit
+        # (pytorch/pytorch#190489). The group edge made, edge destroys.
+        atexit.register(_destroy_group)
     key = id(dist.group.WORLD)  # one side group per default group (new_group is collective)
     if key not in _SIDE:
         _SIDE[key] = dist.new_group(backend=dist.get_backend())
@@ -162,6 +167,12 @@ def connect(mode: str = "data", cuda: bool = False, bounds: list[int] | None = N
 
 
 _SIDE: dict[int, Any] = {}
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        _SIDE.clear()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------- gradient reduction
