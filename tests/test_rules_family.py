@@ -69,7 +69,7 @@ def test_clapp_predictor_is_channels_by_channels() -> None:
 
 
 def test_direct_feedback_context_is_the_pooled_top_of_both_views() -> None:
-    rule = rules.get("clapp++dfb", pool=1)
+    rule = rules.get("clapp++dfb", pool=1, predictor="full")
     gen = torch.Generator().manual_seed(0)
     params = NET.init_params(gen)
     params.update(rule.init(NET, gen))

@@ -171,7 +171,7 @@ def _promoted(items: list[Buffer], rounds: int, good_enough: int) -> list[Placem
 def refined_plan(
     buffers: Iterable[Buffer],
     alignment: int = DEFAULT_ALIGNMENT,
-    rounds: int = 16,
+    rounds: int = 32,
     tolerance: float = 1.01,
 ) -> ArenaPlan:
     """Greedy by size; while the arena is above `tolerance` x the lower bound, the other
