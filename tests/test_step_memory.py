@@ -47,3 +47,15 @@ def test_local_step_memory_is_flat_in_depth_and_backprop_grows():
     assert abs(local8 - local4) <= 0.10 * local4, (local4, local8)
     # backprop keeps 4 more layers of activations for both views: 4 * 2 * 16*32*16*16*4 B
     assert bp8 - bp4 >= 4 * 2 * 16 * 32 * 16 * 16 * 4 * 0.9, (bp4, bp8)
+
+
+def test_row_chunks_by_hand_on_vgg6():
+    """VGG-6 x1/8 at 64 rows, per sample (input, largest map): (3072, 16384), (16384, 32768),
+    (8192, 8192), (8192, 16384), (4096, 8192), (2048, 2048). The floor's working set is
+    block 1's 16384 + 32768 = 49152; a block takes the fewest power-of-two chunks c with
+    c * 49152 >= 4 * its largest map, block 1 (which sets the floor) 8 * it: 2, 8, 1, 2, 1, 1."""
+    from edge.nets import preset
+    from edge.step import row_chunks
+
+    assert row_chunks(preset("vgg6", (3, 32, 32), 0.125), 64) == (2, 8, 1, 2, 1, 1)
+    assert row_chunks(preset("vgg6", (3, 32, 32), 0.125), 4) == (2, 4, 1, 2, 1, 1)  # <= rows
