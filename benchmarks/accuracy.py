@@ -26,7 +26,7 @@ from edge.probe import probe_accuracies, probe_accuracy
 PROBES = ("all", "last", "all_adam")
 
 
-def _probe_both(net: NetSpec, params: dict, ds) -> dict[str, float]:
+def _probes(net: NetSpec, params: dict, ds) -> dict[str, float]:
     params = {k: v.cpu() for k, v in params.items()}
     both = probe_accuracies(net, params, ds, "all")
     return {"all": both["lbfgs"], "last": probe_accuracy(net, params, ds, "last"),
@@ -73,7 +73,7 @@ def run_one(cfg: TrainConfig, out: Path, data_dir: str | None, progress: bool,
     row = {
         "rule": cfg.rule,
         "seed": cfg.seed,
-        "probe": _probe_both(net, params, ds),
+        "probe": _probes(net, params, ds),
         "seconds": r["seconds"],
         "final_loss": r["final_loss"],
         "parameters": r["parameters"],
@@ -90,7 +90,7 @@ def random_encoder(cfg: TrainConfig, data_dir: str | None) -> dict:
     """The network at its initialisation (the parameters `train` starts from), probed."""
     ds = load(cfg.data, data_dir, cfg.subset)
     net, _, params = build(cfg, ds.in_shape)
-    return {"rule": "random", "seed": cfg.seed, "probe": _probe_both(net, params, ds)}
+    return {"rule": "random", "seed": cfg.seed, "probe": _probes(net, params, ds)}
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:

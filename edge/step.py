@@ -98,9 +98,10 @@ def row_chunks(net: NetSpec, rows: int) -> tuple[int, ...]:
     maps = [_maps(b, s) for b, s in zip(net.blocks, net.block_inputs(), strict=True)]
     sets = [m[0] + max(m[1:]) for m in maps]
     floor = max(sets)
+    setter = sets.index(floor)
     out = []
     for j, m in enumerate(maps):
-        share = 8 if j == sets.index(floor) else 4
+        share = 8 if j == setter else 4
         c = 1
         while c * floor < share * max(m[1:]) and 2 * c <= rows:
             c *= 2

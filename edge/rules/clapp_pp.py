@@ -33,8 +33,8 @@ class ClappPP(HingeRule):
     terms = (("", "same"),)
 
     def __init__(
-        self, pool: int | list[int] | None = None, predictor: str = "auto", rank: int = 32,
-        negatives: int = 0,
+        self, pool: int | list[int] | None = None, predictor: str = "auto",
+        rank: int = HingeRule.rank, negatives: int = 0,
     ):
         if predictor not in PREDICTORS:
             raise EdgeError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
